@@ -1,0 +1,205 @@
+"""`coco:ROOT:SPLIT`: the standard COCO layout as a random-access source.
+
+``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/SPLIT/<file_name>``.
+Annotations are read once at construction; images are decoded on access.
+
+Rules (detectron2's COCO loader, made explicit and counted):
+* ``iscrowd=1`` regions never become instances (counted in ``num_crowd``);
+  pycocotools evaluation still sees them through the annotation file.
+* Boxes with NaN/inf coordinates, negative or zero width/height are dropped
+  and counted (``num_bad_boxes``); boxes are clipped to the image.
+* Category ids map to contiguous labels in increasing id order.
+* Images listed in the JSON whose file is missing are skipped at construction
+  and counted (``missing_files``); images that fail to decode raise
+  ``BadImageError`` naming the file (the pipeline skips and counts them).
+* Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from boxseg_jax.data import features
+
+
+class BadImageError(ValueError):
+  """An image file that exists but cannot be decoded."""
+
+
+def load_image(path: str) -> np.ndarray:
+  """Decodes ``path`` to uint8 RGB [h, w, 3]; BadImageError names the file."""
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, np.float64)
+        top = max(float(arr.max()), 1.0)
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+      if img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB") if img.mode in (
+            "P", "LA", "PA") else img.convert("RGB")
+      return np.asarray(img, np.uint8).copy()
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # PIL raises many types for corrupt files.
+    raise BadImageError(f"{path}: cannot decode image ({e})") from e
+
+
+def segmentation_to_mask(segm: Any, h: int, w: int) -> np.ndarray:
+  """COCO polygon / RLE / uncompressed RLE -> uint8 [h, w]."""
+  if isinstance(segm, list):
+    if not segm:
+      return np.zeros((h, w), np.uint8)
+    rles = mask_utils.frPyObjects(segm, h, w)
+    rle = mask_utils.merge(rles)
+  elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+    rle = mask_utils.frPyObjects(segm, h, w)
+  else:
+    rle = segm
+  return mask_utils.decode(rle).astype(np.uint8)
+
+
+class CocoSource:
+  """Random-access COCO source (grain-compatible: __len__, __getitem__)."""
+
+  def __init__(self, root: str, split: str, *, with_masks: bool = False,
+               skip_empty: bool = False,
+               annotation_file: Optional[str] = None):
+    self.root = root
+    self.split = split
+    self.with_masks = with_masks
+    self.name = f"coco:{root}:{split}"
+    self.annotation_file = annotation_file or os.path.join(
+        root, "annotations", f"instances_{split}.json")
+    self.image_dir = os.path.join(root, split)
+    if not os.path.exists(self.annotation_file):
+      raise FileNotFoundError(
+          f"{self.name}: annotation file {self.annotation_file} not found")
+    try:
+      with open(self.annotation_file) as f:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{self.annotation_file}: invalid JSON ({e})") from e
+    for key in ("images", "annotations", "categories"):
+      if key not in data:
+        raise ValueError(f"{self.annotation_file}: missing field '{key}'")
+
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    self.category_ids: Sequence[int] = tuple(int(c["id"]) for c in cats)
+    self.class_names: Sequence[str] = tuple(c["name"] for c in cats)
+    cat_to_label = {c: i for i, c in enumerate(self.category_ids)}
+
+    anns_by_image: Dict[int, List[dict]] = {}
+    for i, ann in enumerate(data["annotations"]):
+      for key in ("image_id", "bbox", "category_id"):
+        if key not in ann:
+          raise ValueError(f"{self.annotation_file}: annotations[{i}] "
+                           f"(id={ann.get('id')}) missing field '{key}'")
+      if ann["category_id"] not in cat_to_label:
+        raise ValueError(f"{self.annotation_file}: annotations[{i}] "
+                         f"(id={ann.get('id')}) has unknown category_id "
+                         f"{ann['category_id']}")
+      anns_by_image.setdefault(int(ann["image_id"]), []).append(ann)
+
+    self.records: List[Dict[str, Any]] = []
+    self.missing_files: List[str] = []
+    self.stats = {"images": 0, "instances": 0, "crowd": 0, "bad_boxes": 0,
+                  "missing_files": 0, "empty_images": 0}
+    for img in sorted(data["images"], key=lambda r: r["id"]):
+      for key in ("id", "file_name", "height", "width"):
+        if key not in img:
+          raise ValueError(f"{self.annotation_file}: image {img.get('id')} "
+                           f"missing field '{key}'")
+      path = os.path.join(self.image_dir, img["file_name"])
+      if not os.path.exists(path):
+        self.missing_files.append(path)
+        continue
+      rec = self._parse(img, anns_by_image.get(int(img["id"]), []),
+                        cat_to_label)
+      if not rec["labels"].size:
+        self.stats["empty_images"] += 1
+        if skip_empty:
+          continue
+      self.records.append(rec)
+    self.stats["images"] = len(self.records)
+    self.stats["instances"] = int(sum(r["labels"].size for r in self.records))
+    self.stats["crowd"] = int(sum(r["num_crowd"] for r in self.records))
+    self.stats["bad_boxes"] = int(sum(r["num_bad_boxes"]
+                                      for r in self.records))
+    self.stats["missing_files"] = len(self.missing_files)
+    if self.missing_files:
+      logging.warning("%s: %d image files missing, skipped (first: %s)",
+                      self.name, len(self.missing_files),
+                      self.missing_files[0])
+
+  def _parse(self, img: dict, anns: List[dict],
+             cat_to_label: Dict[int, int]) -> Dict[str, Any]:
+    h, w = int(img["height"]), int(img["width"])
+    boxes, labels, segms = [], [], []
+    num_crowd = num_bad = 0
+    for ann in anns:
+      if ann.get("iscrowd", 0):
+        num_crowd += 1
+        continue
+      try:
+        x, y, bw, bh = (float(v) for v in ann["bbox"])
+      except (TypeError, ValueError):
+        num_bad += 1
+        continue
+      box = np.array([x, y, x + bw, y + bh], np.float64)
+      if not np.all(np.isfinite(box)) or bw <= 0 or bh <= 0:
+        num_bad += 1
+        continue
+      box = np.clip(box, 0, [w, h, w, h])
+      if box[2] - box[0] <= 1e-5 or box[3] - box[1] <= 1e-5:
+        num_bad += 1
+        continue
+      boxes.append(box)
+      labels.append(cat_to_label[ann["category_id"]])
+      segms.append(ann.get("segmentation"))
+    return {
+        "image_id": int(img["id"]),
+        "file_name": img["file_name"],
+        "height": h, "width": w,
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, np.int32),
+        "segmentations": segms,
+        "num_crowd": num_crowd,
+        "num_bad_boxes": num_bad,
+    }
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> features.Example:
+    rec = self.records[index]
+    path = os.path.join(self.image_dir, rec["file_name"])
+    image = load_image(path)
+    h, w = image.shape[:2]
+    if (h, w) != (rec["height"], rec["width"]):
+      raise BadImageError(
+          f"{path}: decoded size {h}x{w} differs from the annotation's "
+          f"height/width {rec['height']}x{rec['width']}")
+    ex = {
+        "image": image,
+        "boxes": rec["boxes"].copy(),
+        "labels": rec["labels"].copy(),
+        "image_id": rec["image_id"],
+        "file_name": path,
+        "num_crowd": rec["num_crowd"],
+        "num_bad_boxes": rec["num_bad_boxes"],
+    }
+    if self.with_masks:
+      ms = [segmentation_to_mask(s, h, w) if s is not None else
+            np.zeros((h, w), np.uint8) for s in rec["segmentations"]]
+      ex["masks"] = (np.stack(ms) if ms else np.zeros((0, h, w), np.uint8))
+    return ex
+
+  def __repr__(self) -> str:
+    return self.name

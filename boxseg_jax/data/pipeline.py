@@ -1,0 +1,185 @@
+"""Input pipeline on grain: sharded, shuffled by seed, prefetched, resumable.
+
+Why grain and not tf.data (see docs/data.md): our sources are random-access
+Python objects (COCO JSON + JPEG files, the procedural ``shapes``, TFDS
+``data_source``), grain's ``MapDataset`` gives a deterministic global shuffle
+from a seed with per-record random generators (so augmentation does not
+depend on the number of worker threads), and its iterators have a small
+``get_state()``/``set_state()`` that the trainer checkpoints with Orbax for
+exact resume. All host work is numpy/PIL, which releases the GIL, so a
+thread pool is enough on the 2-core machines we test on.
+
+Datasets are named by one string (design.md): ``shapes``, ``shapes:val``,
+``coco:ROOT:SPLIT``, ``tfds:NAME:SPLIT``.
+"""
+
+import logging
+import threading
+from typing import Any, Dict, Iterator, Optional
+
+import grain
+import numpy as np
+
+from boxseg_jax.data import coco
+from boxseg_jax.data import features
+from boxseg_jax.data import shapes
+from boxseg_jax.data import transforms
+
+
+def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
+                tfds_data_dir: Optional[str] = None, with_masks: bool = False,
+                role: str = "train"):
+  """Builds the random-access source named by ``spec``.
+
+  Args:
+    spec: ``shapes[:train|val]``, ``coco:ROOT:SPLIT`` or ``tfds:NAME:SPLIT``.
+    shapes_cfg: ``config.data.shapes`` (num_train, num_val, seed,
+      image_size, ...) for ``shapes``.
+    tfds_data_dir: TFDS data_dir for ``tfds:``.
+    with_masks: decode GT masks (evaluation, mask-supervised training).
+    role: "train" or "val"; the default split of a bare ``shapes``.
+  """
+  kind, _, rest = spec.partition(":")
+  if kind == "shapes":
+    split = rest or role
+    if split not in ("train", "val"):
+      raise ValueError(f"dataset {spec!r}: shapes split must be train or val")
+    sc = shapes_cfg
+    gen = shapes.ShapesConfig(
+        image_size=tuple(sc.image_size), min_objects=sc.min_objects,
+        max_objects=sc.max_objects, min_size=sc.min_size,
+        max_size=sc.max_size)
+    # Train and val never share images: different seeds.
+    num = sc.num_train if split == "train" else sc.num_val
+    seed = sc.seed if split == "train" else sc.seed + 1_000_003
+    return shapes.ShapesSource(num, seed, gen)
+  if kind == "coco":
+    root, sep, split = rest.rpartition(":")
+    if not sep or not root or not split:
+      raise ValueError(f"dataset {spec!r}: expected coco:ROOT:SPLIT")
+    return coco.CocoSource(root, split, with_masks=with_masks)
+  if kind == "tfds":
+    name, sep, split = rest.rpartition(":")
+    if not sep or not name:
+      raise ValueError(f"dataset {spec!r}: expected tfds:NAME:SPLIT")
+    from boxseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.TfdsSource(name, split, data_dir=tfds_data_dir,
+                                  with_masks=with_masks)
+  raise ValueError(f"unknown dataset {spec!r}: expected shapes, "
+                   "coco:ROOT:SPLIT or tfds:NAME:SPLIT")
+
+
+class SkipCounter:
+  """Counts records skipped by the pipeline (thread-safe)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.counts: Dict[str, int] = {}
+    self.examples: Dict[str, str] = {}
+
+  def add(self, reason: str, detail: str) -> None:
+    with self._lock:
+      self.counts[reason] = self.counts.get(reason, 0) + 1
+      if reason not in self.examples:
+        self.examples[reason] = detail
+        logging.warning("input: skipping record (%s): %s", reason, detail)
+
+
+class _SafeLoad(grain.transforms.Map):
+  """source[i] with undecodable images skipped and counted."""
+
+  def __init__(self, source, skips: SkipCounter):
+    self._source = source
+    self._skips = skips
+
+  def map(self, index):
+    try:
+      return self._source[int(index)]
+    except coco.BadImageError as e:
+      self._skips.add("bad_image", str(e))
+      return None
+
+
+def _stack(examples):
+  return {k: np.stack([np.asarray(e[k]) for e in examples])
+          for k in examples[0]}
+
+
+class TrainInput:
+  """Endless, sharded, shuffled training batches with a resumable position.
+
+  Each process gets the records ``shard_index::shard_count`` of the source
+  (its own disjoint slice), shuffled with ``seed`` and reshuffled every
+  epoch. ``get_state``/``set_state`` capture the exact position.
+  """
+
+  def __init__(self, source, tcfg: transforms.TransformConfig, *,
+               batch_size: int, seed: int, shard_index: int = 0,
+               shard_count: int = 1, num_threads: int = 2,
+               prefetch: int = 4):
+    if len(source) < shard_count:
+      raise ValueError(f"{source}: {len(source)} records for {shard_count} "
+                       "processes")
+    self.source = source
+    self.skips = SkipCounter()
+    transform = transforms.make_train_transform(tcfg)
+
+    def random_transform(ex, rng):
+      return None if ex is None else transform(ex, rng)
+
+    ds = grain.MapDataset.range(len(source))
+    ds = ds.slice(slice(shard_index, None, shard_count))
+    ds = ds.seed(seed).shuffle().repeat(None)
+    ds = ds.map(_SafeLoad(source, self.skips))
+    ds = ds.random_map(random_transform)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=max(prefetch, 1) *
+        batch_size))
+    it_ds = it_ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    self._iter = iter(it_ds)
+
+  def __iter__(self) -> Iterator[features.Batch]:
+    return self
+
+  def __next__(self) -> features.Batch:
+    return next(self._iter)
+
+  def get_state(self) -> Dict[str, Any]:
+    return self._iter.get_state()
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    self._iter.set_state(state)
+
+
+def eval_batches(source, tcfg: transforms.TransformConfig, *,
+                 batch_size: int, shard_index: int = 0, shard_count: int = 1,
+                 num_threads: int = 2) -> Iterator[features.Batch]:
+  """One pass over this process' slice, padded to equal batch counts.
+
+  Every process yields ``ceil(len(source) / shard_count / batch_size)``
+  batches (the same number on all hosts, as a global jitted eval step
+  needs); missing slots are filled with ``example_valid=False`` padding.
+  Undecodable images become padding too (and are logged).
+  """
+  transform = transforms.make_eval_transform(tcfg)
+  per_shard = -(-len(source) // shard_count)
+  num_batches = -(-per_shard // batch_size)
+  indices = list(range(shard_index, len(source), shard_count))
+  skips = SkipCounter()
+  pad = transforms.padding_example(tcfg)
+
+  def load(i):
+    try:
+      return transform(source[i])
+    except coco.BadImageError as e:
+      skips.add("bad_image", str(e))
+      return pad
+
+  ds = grain.MapDataset.source(indices).map(load)
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                 prefetch_buffer_size=8)))
+  for _ in range(num_batches):
+    exs = []
+    for _ in range(batch_size):
+      exs.append(next(it, pad))
+    yield _stack(exs)

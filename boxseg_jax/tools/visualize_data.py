@@ -1,0 +1,124 @@
+r"""Writes PNGs of training batches after augmentation.
+
+Each PNG is one example: the teacher view (geometry only) and the student
+view (photometric augmentation) side by side on the padded canvas, with the
+boxes (class-coloured, labelled) and, where the dataset knows them, the GT
+masks overlaid (masks are for looking only; box-supervised training never
+sees them). Padding is shown dark grey.
+
+  python -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
+      --output=/tmp/vis --num_batches=2
+  python -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
+      --config.data.train=coco:../shared/data/coco-mini:train2017 \
+      --config.data.canvas=1344,1344 --output=/tmp/vis_coco
+"""
+
+import colorsys
+import os
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+from boxseg_jax import config as config_lib
+from boxseg_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                          lock_config=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory for PNGs.")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 1, "Batches to render.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "val"],
+                           "Dataset of the config to render (augmentations "
+                           "are the training ones either way).")
+
+
+def class_color(label: int) -> tuple:
+  r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
+  return int(r * 255), int(g * 255), int(b * 255)
+
+
+def render_view(image: np.ndarray, image_valid: np.ndarray,
+                boxes: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                masks: Optional[np.ndarray],
+                class_names: Sequence[str]) -> Image.Image:
+  """Draws boxes and masks of one padded view; returns an RGB image."""
+  img = image.astype(np.float32).copy()
+  img[~image_valid] = 40.0
+  if masks is not None:
+    for j in np.nonzero(valid)[0]:
+      col = np.array(class_color(int(labels[j])), np.float32)
+      m = masks[j].astype(bool)
+      img[m] = 0.55 * img[m] + 0.45 * col
+  pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(pil)
+  for j in np.nonzero(valid)[0]:
+    col = class_color(int(labels[j]))
+    x0, y0, x1, y1 = (float(v) for v in boxes[j])
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=col, width=2)
+    name = class_names[int(labels[j])] if class_names else str(labels[j])
+    draw.text((x0 + 2, y0 + 1), name, fill=col)
+  return pil
+
+
+def render_example(batch, i: int, class_names: Sequence[str]) -> Image.Image:
+  masks = batch["masks"][i] if "masks" in batch else None
+  views = []
+  for key in ("image_teacher", "image"):
+    views.append(render_view(batch[key][i], batch["image_valid"][i],
+                             batch["boxes"][i], batch["labels"][i],
+                             batch["instance_valid"][i], masks, class_names))
+  w, h = views[0].size
+  out = Image.new("RGB", (2 * w + 8, h + 16), (255, 255, 255))
+  out.paste(views[0], (0, 16))
+  out.paste(views[1], (w + 8, 16))
+  draw = ImageDraw.Draw(out)
+  n = int(batch["instance_valid"][i].sum())
+  draw.text((2, 2), f"teacher view  id={int(batch['image_id'][i])}  "
+            f"instances={n}  dropped={int(batch['num_dropped'][i])}  "
+            f"truncated={int(batch['num_truncated'][i])}", fill=(0, 0, 0))
+  draw.text((w + 10, 2), "student view (photometric aug)", fill=(0, 0, 0))
+  if h < 400:  # small canvases (shapes demo): enlarge to be readable
+    out = out.resize((out.width * 2, out.height * 2), Image.NEAREST)
+  return out
+
+
+def visualize(config, output: str, num_batches: int = 1,
+              split: str = "train") -> list:
+  """Renders ``num_batches`` batches of ``config``; returns the PNG paths."""
+  spec = config.data.train if split == "train" else config.data.val
+  source = pipeline.make_source(
+      spec, shapes_cfg=config.data.shapes, role=split, with_masks=True,
+      tfds_data_dir=config.data.tfds_data_dir or None)
+  has_masks = "masks" in source[0]
+  tcfg = config_lib.transform_config(config,
+                                     masks="full" if has_masks else None)
+  batches = pipeline.TrainInput(
+      source, tcfg, batch_size=config.data.batch_size, seed=config.seed,
+      num_threads=config.data.num_threads)
+  os.makedirs(output, exist_ok=True)
+  paths = []
+  for b in range(num_batches):
+    batch = next(batches)
+    for i in range(batch["image"].shape[0]):
+      path = os.path.join(output, f"batch{b:03d}_{i:02d}.png")
+      render_example(batch, i, source.class_names).save(path)
+      paths.append(path)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  if _OUTPUT.value is None:
+    raise app.UsageError("--output is required")
+  paths = visualize(_CONFIG.value, _OUTPUT.value, _NUM_BATCHES.value,
+                    _SPLIT.value)
+  print(f"wrote {len(paths)} PNGs to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
