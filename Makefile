@@ -1,0 +1,29 @@
+# Two entry points (README): `make demo` runs the main job, `make test` the
+# tests. Both create the virtualenv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
+	    --output=out/demo_data --num_batches=2
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) out
