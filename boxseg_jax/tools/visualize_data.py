@@ -13,9 +13,8 @@ sees them). Padding is shown dark grey.
       --config.data.canvas=1344,1344 --output=/tmp/vis_coco
 """
 
-import colorsys
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -25,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from boxseg_jax import config as config_lib
 from boxseg_jax.data import pipeline
+from boxseg_jax.evaluation import panels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -35,32 +35,11 @@ _SPLIT = flags.DEFINE_enum("split", "train", ["train", "val"],
                            "are the training ones either way).")
 
 
-def class_color(label: int) -> tuple:
-  r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
-  return int(r * 255), int(g * 255), int(b * 255)
-
-
-def render_view(image: np.ndarray, image_valid: np.ndarray,
-                boxes: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                masks: Optional[np.ndarray],
-                class_names: Sequence[str]) -> Image.Image:
-  """Draws boxes and masks of one padded view; returns an RGB image."""
-  img = image.astype(np.float32).copy()
-  img[~image_valid] = 40.0
-  if masks is not None:
-    for j in np.nonzero(valid)[0]:
-      col = np.array(class_color(int(labels[j])), np.float32)
-      m = masks[j].astype(bool)
-      img[m] = 0.55 * img[m] + 0.45 * col
-  pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-  draw = ImageDraw.Draw(pil)
-  for j in np.nonzero(valid)[0]:
-    col = class_color(int(labels[j]))
-    x0, y0, x1, y1 = (float(v) for v in boxes[j])
-    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=col, width=2)
-    name = class_names[int(labels[j])] if class_names else str(labels[j])
-    draw.text((x0 + 2, y0 + 1), name, fill=col)
-  return pil
+def render_view(image, image_valid, boxes, labels, valid, masks,
+                class_names):
+  """One padded view with boxes and (optional) masks drawn."""
+  return panels.render(image, boxes, labels, valid, masks=masks,
+                       image_valid=image_valid, class_names=class_names)
 
 
 def render_example(batch, i: int, class_names: Sequence[str]) -> Image.Image:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from boxseg_jax.evaluation import panels
 from boxseg_jax.tools import visualize_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -42,7 +43,7 @@ def test_render_draws_box_and_mask():
   out = np.asarray(visualize_data.render_view(
       image, valid, np.array([[4, 4, 20, 20]], np.float32), np.array([0]),
       np.array([True]), masks, ["a"]))
-  col = visualize_data.class_color(0)
+  col = panels.class_color(0)
   assert tuple(out[10, 4]) == col          # left edge of the box outline
   assert tuple(out[12, 12]) != (128, 128, 128)  # mask tinted
   assert tuple(out[25, 25]) == (128, 128, 128)  # outside untouched

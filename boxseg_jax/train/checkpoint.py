@@ -1,0 +1,167 @@
+"""Checkpoints: Orbax ``CheckpointManager`` plus the input position.
+
+Layout under ``workdir``::
+
+  checkpoints/<step>/state/...        Orbax (async, atomic: a step directory
+                                      appears only when complete)
+  checkpoints/input/<step>.p<i>.json  grain iterator position of process i
+
+Orbax writes the train state (a pytree of global arrays) with all processes
+cooperating. Every process has its own input iterator, so each writes its
+own small JSON (atomic rename) next to it; files of steps Orbax no longer
+keeps are deleted.
+
+Resume order (``restore_or_init`` in the loop): the latest complete
+checkpoint in ``workdir`` -> ``config.init`` (partial: the listed top-level
+parameter subtrees, e.g. the backbone) -> scratch.
+"""
+
+import glob
+import json
+import logging
+import os
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+
+class Checkpointer:
+  """Saves/restores (TrainState, input position) under ``workdir``."""
+
+  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.input_dir = os.path.join(self.directory, "input")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=every_steps,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state",))
+    self.process = jax.process_index()
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> Sequence[int]:
+    return self.manager.all_steps()
+
+  def _input_path(self, step: int) -> str:
+    return os.path.join(self.input_dir, f"{int(step)}.p{self.process}.json")
+
+  def save(self, step: int, state: Any, input_state: Dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Saves if ``step`` is due (or ``force``); returns whether it saved."""
+    if not (force or self.manager.should_save(step)):
+      return False
+    if step in self.manager.all_steps():
+      return False  # already saved (e.g. the interval hit the last step)
+    os.makedirs(self.input_dir, exist_ok=True)
+    path = self._input_path(step)
+    with open(path + ".tmp", "w") as f:
+      json.dump(input_state, f)
+    os.replace(path + ".tmp", path)
+    saved = self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+        force=force)
+    self._prune_input_files()
+    return saved
+
+  def _prune_input_files(self) -> None:
+    keep = set(self.manager.all_steps())
+    for path in glob.glob(os.path.join(self.input_dir,
+                                       f"*.p{self.process}.json")):
+      m = re.match(r"(\d+)\.p\d+\.json$", os.path.basename(path))
+      # Steps still being written asynchronously are not yet listed.
+      if m and int(m.group(1)) not in keep and int(m.group(1)) < max(
+          keep | {-1}):
+        os.remove(path)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None
+              ) -> Tuple[Any, Dict[str, Any], int]:
+    """Restores (state, input position, step); latest step by default."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    path = self._input_path(step)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{path}: input position of process {self.process} for checkpoint "
+          f"step {step} is missing; cannot resume exactly")
+    with open(path) as f:
+      input_state = json.load(f)
+    return restored["state"], input_state, step
+
+  def reached_preemption(self, step: int) -> bool:
+    try:
+      return bool(self.manager.reached_preemption(step))
+    except Exception:  # pylint: disable=broad-except
+      return False  # no distributed preemption service (single process)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params_for_init(path: str) -> Dict[str, Any]:
+  """Parameters of an init source: an Orbax checkpoint dir or an .npz.
+
+  ``path`` may be a workdir, its ``checkpoints`` directory, or a converted
+  ``.npz`` whose keys are ``/``-joined parameter paths (``convert/``).
+  """
+  if path.endswith(".npz"):
+    with np.load(path) as data:
+      flat = {tuple(k.split("/")): data[k] for k in data.files}
+    return traverse_util.unflatten_dict(flat)
+  directory = path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    directory = os.path.join(path, "checkpoints")
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=("state",),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init: no checkpoint in {directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  params = state["params"] if isinstance(state, dict) else state.params
+  logging.info("config.init: read step %d of %s", step, directory)
+  return params
+
+
+def merge_init_params(params: Any, loaded: Dict[str, Any],
+                      keys: Sequence[str], source: str) -> Any:
+  """Replaces the ``keys`` subtrees of ``params`` by ``loaded``'s.
+
+  Every leaf of those subtrees must exist in ``loaded`` with the same shape;
+  a mismatch raises naming the parameter path.
+  """
+  params = dict(params)
+  for key in keys:
+    if key not in params:
+      raise KeyError(f"config.init_keys: {key!r} is not a parameter subtree "
+                     f"(have {sorted(params)})")
+    if key not in loaded:
+      raise KeyError(f"{source}: has no {key!r} parameters")
+    want = traverse_util.flatten_dict(params[key])
+    have = traverse_util.flatten_dict(loaded[key])
+    out = {}
+    for k, v in want.items():
+      name = "/".join((key,) + k)
+      if k not in have:
+        raise KeyError(f"{source}: missing parameter {name}")
+      if tuple(have[k].shape) != tuple(v.shape):
+        raise ValueError(f"{source}: {name} has shape {have[k].shape}, the "
+                         f"model expects {v.shape}")
+      out[k] = np.asarray(have[k]).astype(v.dtype)
+    params[key] = traverse_util.unflatten_dict(out)
+  return params

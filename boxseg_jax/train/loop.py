@@ -1,0 +1,249 @@
+"""``train_and_evaluate(config, workdir)``: the training loop.
+
+1. Mesh, writer, data (per-process shards of the global batch).
+2. Model and optimizer; state born replicated on the mesh.
+3. Resume: workdir checkpoint -> ``config.init`` (partial) -> scratch.
+4. One jitted, donated ``train_step``; compiled once (logged).
+5. Loop: metrics (CLU), progress, checkpoints, evaluation, SIGTERM.
+6. Final evaluation and checkpoint.
+"""
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+
+from boxseg_jax import config as config_lib
+from boxseg_jax.data import features
+from boxseg_jax.data import pipeline
+from boxseg_jax.train import checkpoint as ckpt_lib
+from boxseg_jax.train import evaluate as eval_lib
+from boxseg_jax.train import models
+from boxseg_jax.train import optim
+from boxseg_jax.train import state as state_lib
+from boxseg_jax.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when too many consecutive updates had a non-finite loss."""
+
+
+class _Sigterm:
+  """Records SIGTERM (preemption) so the loop can save and exit cleanly."""
+
+  def __init__(self):
+    self.received = threading.Event()
+    self._previous = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.received.set()
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def global_batch(batch: features.Batch, sharding) -> Dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded on ``data``."""
+  local = features.device_batch(batch)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def init_state(config, model, tx, mesh) -> state_lib.TrainState:
+  """Initialises the train state directly on the mesh (replicated)."""
+  rep, _ = step_lib.shardings(mesh)
+  h, w = config.data.canvas
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init_fn():
+    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+    variables = model.init(init_rng, dummy, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+        batch_stats=batch_stats, ema_batch_stats=batch_stats,
+        opt_state=tx.init(params), bank={}, rng=state_rng,
+        num_skipped=jnp.zeros((), jnp.int32),
+        skip_streak=jnp.zeros((), jnp.int32))
+
+  return jax.jit(init_fn, out_shardings=rep)()
+
+
+def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
+  """Resume order: workdir -> config.init (partial) -> scratch.
+
+  Returns:
+    (state, input_state or None, how) with ``how`` in {"workdir", "init",
+    "scratch"}.
+  """
+  rep, _ = step_lib.shardings(mesh)
+  if ckpt.latest_step() is not None:
+    abstract = jax.eval_shape(lambda: init_state(config, model, tx, mesh))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+        abstract)
+    state, input_state, step = ckpt.restore(abstract)
+    logging.info("Resumed from %s at step %d", ckpt.directory, step)
+    return state, input_state, "workdir"
+  state = init_state(config, model, tx, mesh)
+  if config.init:
+    loaded = ckpt_lib.load_params_for_init(config.init)
+    params = ckpt_lib.merge_init_params(
+        jax.device_get(state.params), loaded, tuple(config.init_keys),
+        config.init)
+    params = jax.device_put(params, rep)
+    state = state.replace(params=params, ema_params=params,
+                          opt_state=jax.jit(tx.init, out_shardings=rep)(
+                              params))
+    logging.info("Initialised %s from %s", list(config.init_keys),
+                 config.init)
+    return state, None, "init"
+  return state, None, "scratch"
+
+
+def _metrics_collection(keys):
+  return clu_metrics.Collection.create(
+      **{k: clu_metrics.Average.from_output(k) for k in keys})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> Dict[str, Any]:
+  """Trains ``config`` in ``workdir``; returns a summary dict."""
+  # 1. Mesh, writer, data. ----------------------------------------------
+  mesh = step_lib.make_mesh(config.train.num_devices)
+  num_proc, proc = jax.process_count(), jax.process_index()
+  if config.data.batch_size % mesh.devices.size:
+    raise ValueError(f"data.batch_size={config.data.batch_size} is not "
+                     f"divisible by {mesh.devices.size} devices")
+  if config.method == "mask" and not config.data.with_masks:
+    raise ValueError("method='mask' needs data.with_masks=True")
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=proc > 0, asynchronous=True)
+  writer.write_hparams({k: str(v) for k, v in
+                        config.to_dict().items() if not isinstance(v, dict)})
+  source = pipeline.make_source(
+      config.data.train, shapes_cfg=config.data.shapes, role="train",
+      with_masks=config.data.with_masks,
+      tfds_data_dir=config.data.tfds_data_dir or None)
+  tcfg = config_lib.transform_config(config)
+  train_iter = pipeline.TrainInput(
+      source, tcfg, batch_size=config.data.batch_size // num_proc,
+      seed=config.seed, shard_index=proc, shard_count=num_proc,
+      num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch_batches)
+
+  # 2. Model and optimizer. ---------------------------------------------
+  model = models.build_model(config)
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+          (1,) + tuple(config.data.canvas) + (3,)), train=False))["params"]
+  tx, schedule = optim.make_optimizer(
+      config.optim, models.trainable_mask(config, abstract_params))
+
+  # 3. Resume. ------------------------------------------------------------
+  ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
+                               max_to_keep=config.ckpt.max_to_keep,
+                               async_save=config.ckpt.async_save)
+  state, input_state, how = restore_or_init(config, model, tx, mesh, ckpt)
+  if input_state is not None:
+    train_iter.set_state(input_state)
+  start_step = int(jax.device_get(state.step))
+  logging.info("Starting at step %d (%s)", start_step, how)
+
+  # 4. Compiled step. -----------------------------------------------------
+  trace_count = [0]
+  raw_step = step_lib.make_train_step(model, tx, schedule, config)
+
+  def counted_step(s, b):
+    trace_count[0] += 1  # runs at trace time only
+    return raw_step(s, b)
+
+  train_step = step_lib.jit_train_step(counted_step, mesh)
+  _, batch_sharding = step_lib.shardings(mesh)
+  evaluator = eval_lib.Evaluator(config, model, mesh, workdir)
+
+  # 5. Loop. --------------------------------------------------------------
+  total = config.train.num_steps
+  report = periodic_actions.ReportProgress(num_train_steps=total,
+                                           writer=writer, every_steps=
+                                           config.train.log_every_steps)
+  sigterm = _Sigterm()
+  sigterm.install()
+  collection = None
+  host_counts = {"instances_dropped": 0.0, "instances_truncated": 0.0}
+  summary: Dict[str, Any] = {"resumed_from": how, "start_step": start_step}
+  step = start_step
+  t_start = time.time()
+  try:
+    while step < total:
+      batch = next(train_iter)
+      host_counts["instances_dropped"] += float(batch["num_dropped"].sum())
+      host_counts["instances_truncated"] += float(
+          batch["num_truncated"].sum())
+      state, metrics = train_step(state, global_batch(batch, batch_sharding))
+      step += 1
+      update = _metrics_collection(metrics).single_from_model_output(
+          **metrics)
+      collection = update if collection is None else collection.merge(update)
+      report(step)
+
+      if step % config.train.log_every_steps == 0 or step == total:
+        values = {k: float(v) for k, v in collection.compute().items()}
+        values.update(host_counts)
+        values["input_skipped"] = float(sum(train_iter.skips.counts.values()))
+        streak = int(jax.device_get(state.skip_streak))
+        values["updates_skipped_total"] = float(
+            jax.device_get(state.num_skipped))
+        writer.write_scalars(step, values)
+        summary["last_metrics"] = values
+        collection = None
+        if streak > config.train.max_nonfinite_streak:
+          raise NonFiniteLossError(
+              f"{streak} consecutive updates had a non-finite loss or "
+              f"gradient (limit train.max_nonfinite_streak="
+              f"{config.train.max_nonfinite_streak}); parameters are those "
+              f"of the last finite update. Last metrics: {values}")
+
+      ckpt.save(step, state, train_iter.get_state())
+      if (config.train.eval_every_steps and
+          step % config.train.eval_every_steps == 0 and step < total):
+        evaluator.run(state, step, writer)
+      if sigterm.received.is_set() or ckpt.reached_preemption(step):
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+        ckpt.wait()
+        summary["preempted_at"] = step
+        logging.warning("Stopped at step %d after SIGTERM/preemption; "
+                        "checkpoint saved.", step)
+        return summary
+
+    # 6. Final evaluation and checkpoint. ---------------------------------
+    summary["compilations"] = trace_count[0]
+    logging.info("train_step compiled %d time(s) in this run",
+                 trace_count[0])
+    ckpt.save(step, state, train_iter.get_state(), force=True)
+    summary["eval"] = evaluator.run(state, step, writer)
+    summary["train_seconds"] = time.time() - t_start
+    return summary
+  finally:
+    sigterm.uninstall()
+    ckpt.close()
+    writer.flush()
+    summary["compilations"] = trace_count[0]
+    summary["final_step"] = step
+    summary["state"] = state
