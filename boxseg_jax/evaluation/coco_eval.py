@@ -13,9 +13,9 @@ import contextlib
 import io
 import json
 import math
-import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from etils import epath
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -137,14 +137,13 @@ def write_eval(workdir: str, step: int,
                metrics: Dict[str, Dict[str, float]],
                extra: Optional[Dict[str, Any]] = None) -> str:
   """Writes ``workdir/eval/step_<step>.json`` atomically; returns its path."""
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"step_{int(step)}.json")
+  out_dir = epath.Path(workdir) / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"step_{int(step)}.json"
   clean = {t: {k: (None if math.isnan(v) else v) for k, v in m.items()}
            for t, m in metrics.items()}
   payload = {"step": int(step), **clean, **(extra or {})}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  tmp = out_dir / f"step_{int(step)}.json.tmp"
+  tmp.write_text(json.dumps(payload, indent=2))
+  tmp.replace(path)
+  return str(path)

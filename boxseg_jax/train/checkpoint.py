@@ -16,7 +16,6 @@ checkpoint in ``workdir`` -> ``config.init`` (partial: the listed top-level
 parameter subtrees, e.g. the backbone) -> scratch.
 """
 
-import glob
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 
@@ -34,8 +34,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.input_dir = os.path.join(self.directory, "input")
+    self.directory = _abs(epath.Path(workdir) / "checkpoints")
+    self.input_dir = self.directory / "input"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=every_steps,
         enable_async_checkpointing=async_save, create=True)
@@ -49,8 +49,8 @@ class Checkpointer:
   def all_steps(self) -> Sequence[int]:
     return self.manager.all_steps()
 
-  def _input_path(self, step: int) -> str:
-    return os.path.join(self.input_dir, f"{int(step)}.p{self.process}.json")
+  def _input_path(self, step: int) -> epath.Path:
+    return self.input_dir / f"{int(step)}.p{self.process}.json"
 
   def save(self, step: int, state: Any, input_state: Dict[str, Any], *,
            force: bool = False) -> bool:
@@ -59,11 +59,11 @@ class Checkpointer:
       return False
     if step in self.manager.all_steps():
       return False  # already saved (e.g. the interval hit the last step)
-    os.makedirs(self.input_dir, exist_ok=True)
+    self.input_dir.mkdir(parents=True, exist_ok=True)
     path = self._input_path(step)
-    with open(path + ".tmp", "w") as f:
-      json.dump(input_state, f)
-    os.replace(path + ".tmp", path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(input_state))
+    tmp.replace(path)
     saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
         force=force)
@@ -72,13 +72,12 @@ class Checkpointer:
 
   def _prune_input_files(self) -> None:
     keep = set(self.manager.all_steps())
-    for path in glob.glob(os.path.join(self.input_dir,
-                                       f"*.p{self.process}.json")):
-      m = re.match(r"(\d+)\.p\d+\.json$", os.path.basename(path))
-      # Steps still being written asynchronously are not yet listed.
-      if m and int(m.group(1)) not in keep and int(m.group(1)) < max(
-          keep | {-1}):
-        os.remove(path)
+    newest = max(keep | {-1})
+    for path in self.input_dir.glob(f"*.p{self.process}.json"):
+      m = re.match(r"(\d+)\.p\d+\.json$", path.name)
+      # Steps newer than the newest listed may still be saving (async).
+      if m and int(m.group(1)) not in keep and int(m.group(1)) < newest:
+        path.unlink()
 
   def restore(self, abstract_state: Any, step: Optional[int] = None
               ) -> Tuple[Any, Dict[str, Any], int]:
@@ -89,12 +88,11 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     path = self._input_path(step)
-    if not os.path.exists(path):
+    if not path.exists():
       raise FileNotFoundError(
           f"{path}: input position of process {self.process} for checkpoint "
           f"step {step} is missing; cannot resume exactly")
-    with open(path) as f:
-      input_state = json.load(f)
+    input_state = json.loads(path.read_text())
     return restored["state"], input_state, step
 
   def reached_preemption(self, step: int) -> bool:
@@ -111,6 +109,11 @@ class Checkpointer:
     self.manager.close()
 
 
+def _abs(path: epath.Path) -> epath.Path:
+  """Absolute local paths (Orbax requires them); URLs are kept as they are."""
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def load_params_for_init(path: str) -> Dict[str, Any]:
   """Parameters of an init source: an Orbax checkpoint dir or an .npz.
 
@@ -121,11 +124,11 @@ def load_params_for_init(path: str) -> Dict[str, Any]:
     with np.load(path) as data:
       flat = {tuple(k.split("/")): data[k] for k in data.files}
     return traverse_util.unflatten_dict(flat)
-  directory = path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    directory = os.path.join(path, "checkpoints")
+  directory = epath.Path(path)
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=("state",),
+      _abs(directory), item_names=("state",),
       options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:

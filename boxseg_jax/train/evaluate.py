@@ -10,10 +10,10 @@ workdir is required for multi-host runs, as for checkpoints).
 
 import json
 import logging
-import os
 from typing import Any, Dict, List, Optional
 
 import jax
+from etils import epath
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -136,20 +136,18 @@ class Evaluator:
     results, images = self.predict(params, stats,
                                    panel_count=self.config.eval.num_panels)
     if jax.process_count() > 1:
-      out_dir = os.path.join(self.workdir, "eval")
-      os.makedirs(out_dir, exist_ok=True)
-      mine = os.path.join(out_dir, f"preds_step_{step}.p"
-                          f"{jax.process_index()}.json")
-      with open(mine + ".tmp", "w") as f:
-        json.dump(results, f)
-      os.replace(mine + ".tmp", mine)
+      out_dir = epath.Path(self.workdir) / "eval"
+      out_dir.mkdir(parents=True, exist_ok=True)
+      mine = out_dir / f"preds_step_{step}.p{jax.process_index()}.json"
+      tmp = out_dir / (mine.name + ".tmp")
+      tmp.write_text(json.dumps(results))
+      tmp.replace(mine)
       multihost_utils.sync_global_devices(f"eval_preds_{step}")
       if jax.process_index() == 0:
         results = []
         for p in range(jax.process_count()):
-          path = os.path.join(out_dir, f"preds_step_{step}.p{p}.json")
-          with open(path) as f:
-            results += json.load(f)
+          path = out_dir / f"preds_step_{step}.p{p}.json"
+          results += json.loads(path.read_text())
     metrics: Dict[str, Any] = {}
     if jax.process_index() == 0:
       metrics = coco_eval.evaluate(self.gt, results,
