@@ -27,14 +27,14 @@ _INF = 100000000.0
 
 
 def size_ranges(sizes_of_interest: Sequence[float]) -> jnp.ndarray:
-  """`[num_levels, 2]` inclusive (lo, hi) ranges: [-1, s0], [s0, s1], ... [s_last, 1e8]."""
+  """`[num_levels, 2]` inclusive (lo, hi): [-1, s0], [s0, s1], ... [s3, 1e8]."""
   bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [_INF]
   return jnp.asarray([[bounds[i], bounds[i + 1]]
                       for i in range(len(bounds) - 1)], jnp.float32)
 
 
 def ctrness_target(reg_targets: jnp.ndarray) -> jnp.ndarray:
-  """Centerness `sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))` of `[..., 4]` ltrb.
+  """Centerness `sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b))`, `[..., 4]` ltrb.
 
   Any positive unit works (the ratio is scale free). Where a max is 0 the
   value is defined as 0 (never the case for FCOS positives).
@@ -127,7 +127,7 @@ def batch_fcos_targets(points: jnp.ndarray, level: jnp.ndarray,
                        strides: jnp.ndarray, boxes: jnp.ndarray,
                        labels: jnp.ndarray, instance_valid: jnp.ndarray,
                        **kwargs) -> dict:
-  """`fcos_targets` vmapped over a batch: `boxes [B, N, 4]` etc. -> `[B, L, ...]`.
+  """`fcos_targets` vmapped over images: `boxes [B, N, 4]`... -> `[B, L, ...]`.
 
   `points`, `level`, `strides` are shared by all images (one canvas).
   """

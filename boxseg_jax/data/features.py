@@ -27,11 +27,14 @@ fixed canvas ``H x W`` per config):
   masks           bool [B, N, H/4, W/4] (only when ``with_masks``): GT masks
                   point-sampled at ``[2::4, 2::4]`` of the canvas, the grid
                   the CondInst mask head predicts on.
+  scale           float32 [B, 2] (sy, sx): resized / original size; BoxInst
+                  removes the bottom ``int(10 * sy)`` rows from its pairwise
+                  validity (reference §3.2).
   Host-only fields (never sent to devices): image_id int64 [B],
   orig_size int32 [B, 2] (h, w), resized_size int32 [B, 2] (h, w of the
-  resized image inside the canvas), scale float32 [B, 2] (sy, sx: resized /
-  original), num_truncated int32 [B], num_dropped int32 [B] (degenerate boxes
-  dropped by the transforms plus those dropped by the source).
+  resized image inside the canvas), num_truncated int32 [B], num_dropped
+  int32 [B] (degenerate boxes dropped by the transforms plus those dropped by
+  the source).
 
 Images travel as uint8 (4x less host-to-device traffic than float32); the
 step normalises them on device.
@@ -45,10 +48,10 @@ Example = Dict[str, Any]
 Batch = Dict[str, np.ndarray]
 
 DEVICE_KEYS = ("image", "image_teacher", "image_valid", "boxes", "labels",
-               "instance_valid", "example_valid")
+               "instance_valid", "example_valid", "scale")
 MASK_KEY = "masks"
-HOST_KEYS = ("image_id", "orig_size", "resized_size", "scale",
-             "num_truncated", "num_dropped")
+HOST_KEYS = ("image_id", "orig_size", "resized_size", "num_truncated",
+             "num_dropped")
 
 # Subsampling of GT masks onto the stride-4 mask-head grid (CondInst
 # MASK_OUT_STRIDE = 4, sampled at offset MASK_OUT_STRIDE // 2).

@@ -1,4 +1,4 @@
-"""Dice loss (reference §2.5): `1 - 2 Σ x t / (Σ x² + Σ t² + 1e-5)` per instance."""
+"""Dice loss (reference §2.5): `1 - 2 Σxt / (Σx² + Σt² + 1e-5)` per instance."""
 
 import jax.numpy as jnp
 

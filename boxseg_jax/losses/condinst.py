@@ -1,0 +1,272 @@
+"""CondInst training losses: FCOS + instance selection + mask losses.
+
+Instance layout: every image gets a fixed budget of `num_slots` mask-head
+slots (default `topk_proposals_per_im` = 64) filled from its FCOS positives,
+with a validity mask for empty slots; the dynamic head runs vmapped per
+image on `[B, K, ...]` (see `ops.dynamic_mask_head`).
+
+Normalisation over the global batch (one jitted program): FCOS losses as in
+`losses.fcos`; projection, dice and pairwise terms are averaged over all
+valid slots / all weighted edges of the batch (the reference averages per
+device, then DDP averages the device means; see docs/losses.md).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from boxseg_jax import targets as targets_lib
+from boxseg_jax.losses import boxinst
+from boxseg_jax.losses.dice import dice_loss
+from boxseg_jax.losses.fcos import fcos_losses
+from boxseg_jax.ops.dynamic_mask_head import dynamic_mask_logits_batched
+from boxseg_jax.ops.dynamic_mask_head import mask_head_soi
+from boxseg_jax.ops.locations import fcos_locations
+
+
+def proposal_scores(cls_logits: jnp.ndarray,
+                    ctrness_logits: jnp.ndarray) -> jnp.ndarray:
+  """Detached ranking score `max_c σ(cls_c) · σ(ctr)`, `[..., L]`."""
+  score = jax.nn.sigmoid(cls_logits.max(-1)) * jax.nn.sigmoid(ctrness_logits)
+  return jax.lax.stop_gradient(score.astype(jnp.float32))
+
+
+def select_topk_per_gt(positive: jnp.ndarray,
+                       gt_index: jnp.ndarray,
+                       scores: jnp.ndarray,
+                       *,
+                       num_gt: int,
+                       topk_per_image: int = 64,
+                       num_slots: int | None = None
+                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`TOPK_PROPOSALS_PER_IM` selection for one image (reference §2.4).
+
+  With U = number of distinct GTs among the positives, every GT keeps its
+  top `max(int(topk_per_image / U), 1)` positives by `scores` (ties: lower
+  location index first). The kept locations fill `num_slots` slots; only
+  when `U > num_slots` (one positive per GT, more GTs than slots) do they not
+  all fit, and then the highest-scored ones are kept.
+
+  Args:
+    positive: `[L]` bool FCOS positives.
+    gt_index: `[L]` int GT index of each location (any value where not
+      positive).
+    scores: `[L]` ranking scores (detached).
+    num_gt: static number of GT rows `N` of the image.
+    topk_per_image: the reference's 64.
+    num_slots: static slot count (default `topk_per_image`).
+
+  Returns:
+    `(location_index [S] int32, slot_valid [S] bool)`.
+  """
+  num_slots = topk_per_image if num_slots is None else num_slots
+  num_loc = positive.shape[0]
+  g = jnp.where(positive, gt_index, num_gt).astype(jnp.int32)
+  present = jnp.zeros((num_gt + 1,), bool).at[g].set(True)[:num_gt]
+  num_unique = jnp.sum(present.astype(jnp.int32))
+  quota = jnp.maximum(topk_per_image // jnp.maximum(num_unique, 1), 1)
+  scores = scores.astype(jnp.float32)
+  order = jnp.lexsort((-scores, g))
+  g_sorted = g[order]
+  group_start = jnp.searchsorted(g_sorted, g_sorted, side='left')
+  rank_sorted = jnp.arange(num_loc, dtype=jnp.int32) - group_start
+  rank = jnp.zeros((num_loc,), jnp.int32).at[order].set(rank_sorted)
+  keep = positive & (rank < quota)
+  priority = jnp.where(keep, scores, -1.0)
+  _, idx = jax.lax.top_k(priority, num_slots)
+  return idx.astype(jnp.int32), keep[idx]
+
+
+def select_random(positive: jnp.ndarray, rng: jax.Array, *,
+                  num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`MAX_PROPOSALS`-style uniform random subset of one image's positives."""
+  priority = jnp.where(positive, jax.random.uniform(rng, positive.shape), -1.0)
+  _, idx = jax.lax.top_k(priority, num_slots)
+  return idx.astype(jnp.int32), positive[idx]
+
+
+def _rows_removed(batch: dict, bottom_pixels_removed: int) -> jnp.ndarray:
+  """Per-image bottom rows to drop from the pairwise validity mask."""
+  num = batch['image_valid'].shape[0]
+  if 'rows_removed' in batch:
+    return jnp.asarray(batch['rows_removed'], jnp.int32)
+  if 'scale' in batch:
+    # int(10 * h_resized / h_original); scale = (sy, sx) = resized / original.
+    sy = jnp.asarray(batch['scale'], jnp.float32)[:, 0]
+    return jnp.floor(bottom_pixels_removed * sy).astype(jnp.int32)
+  return jnp.full((num,), int(bottom_pixels_removed), jnp.int32)
+
+
+def _take(x: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
+  """`x [B, M, ...]`, `idx [B, S]` -> `[B, S, ...]`."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def condinst_losses(outputs: dict,
+                    targets: dict | None,
+                    batch: dict,
+                    *,
+                    mode: str = 'boxinst',
+                    step: jnp.ndarray | int = 0,
+                    topk_proposals_per_im: int = 64,
+                    num_slots: int | None = None,
+                    proposal_selection: str = 'topk_per_gt',
+                    rng: jax.Array | None = None,
+                    sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
+                    center_sampling_radius: float = 1.5,
+                    box_quality: str = 'ctrness',
+                    mask_feat_stride: int = 8,
+                    mask_out_stride: int = 4,
+                    mask_head_channels: int = 8,
+                    mask_head_num_layers: int = 3,
+                    bottom_pixels_removed: int = 10,
+                    pairwise_size: int = 3,
+                    pairwise_dilation: int = 2,
+                    pairwise_color_thresh: float = 0.3,
+                    pairwise_warmup_iters: int = 10000,
+                    cls_location_weight: jnp.ndarray | None = None
+                    ) -> tuple[jnp.ndarray, dict]:
+  """CondInst / BoxInst loss of the global batch.
+
+  Args:
+    outputs: network outputs, `cls_logits [B, L, C]`, `reg [B, L, 4]`,
+      `ctrness [B, L]`, `controller [B, L, P]`, `mask_feats [B, h8, w8, Cm]`.
+    targets: stacked `targets.fcos_targets` dict (`[B, L, ...]`), or None to
+      compute it here from `batch`.
+    batch: the batch contract (design.md): `image_valid [B, H, W]`,
+      `boxes [B, N, 4]`, `labels [B, N]`, `instance_valid [B, N]`,
+      `example_valid [B]` (optional); `image_teacher [B, H, W, 3]` raw RGB
+      0..255 for `mode='boxinst'`; `masks` (`[B, N, H/4, W/4]` already
+      point-sampled, or `[B, N, H, W]` full resolution) for `mode='mask'`.
+      Optional `rows_removed [B]` int (bottom rows dropped from the pairwise
+      validity, `boxinst.bottom_rows_removed`), else derived from `scale
+      [B, 2]` (sy, sx) when present, else `bottom_pixels_removed`.
+    mode: `'boxinst'` (projection + colour pairwise) or `'mask'` (dice
+      against GT masks, fully supervised CondInst).
+    step: optimizer steps already taken (pairwise warm-up uses `step + 1`).
+    topk_proposals_per_im: the reference's `TOPK_PROPOSALS_PER_IM` (64).
+    num_slots: mask-head slots per image (default `topk_proposals_per_im`).
+    proposal_selection: `'topk_per_gt'` (reference §2.4) or `'random'`
+      (`MAX_PROPOSALS`-style, uniform among positives, needs `rng`).
+    rng: PRNG key for `'random'`.
+    sizes_of_interest: FCOS size thresholds (also the mask-head soi).
+    center_sampling_radius: FCOS center sampling radius (targets=None).
+    box_quality: `'ctrness'` or `'iou'` (see `fcos_losses`).
+    mask_feat_stride: stride of `mask_feats` (8).
+    mask_out_stride: stride of the mask logits (4).
+    mask_head_channels: dynamic head width (8).
+    mask_head_num_layers: dynamic head depth (3).
+    bottom_pixels_removed: BoxInst `BOTTOM_PIXELS_REMOVED` (10).
+    pairwise_size: pairwise kernel size (3).
+    pairwise_dilation: pairwise dilation (2).
+    pairwise_color_thresh: τ (0.3).
+    pairwise_warmup_iters: warm-up length (10000).
+    cls_location_weight: optional `[B, L]` focal-loss weight (DropLoss).
+
+  Returns:
+    `(total, aux)`: scalar f32 total loss and a dict of f32 scalars:
+    `loss_fcos_cls`, `loss_fcos_loc`, `loss_fcos_ctr`, `loss_prj` and
+    `loss_pairwise` (boxinst) or `loss_mask` (mask), `num_pos`,
+    `num_mask_instances`, and `pairwise_warmup` (boxinst).
+  """
+  image_valid = batch['image_valid']
+  bsz, height, width = image_valid.shape
+  num_gt = batch['boxes'].shape[1]
+  num_classes = outputs['cls_logits'].shape[-1]
+  example_valid = batch.get('example_valid')
+  if example_valid is None:
+    example_valid = jnp.ones((bsz,), bool)
+  example_valid = jnp.asarray(example_valid, bool)
+
+  locs = fcos_locations(height, width)
+  if locs.points.shape[0] != outputs['cls_logits'].shape[1]:
+    raise ValueError(f'outputs have {outputs["cls_logits"].shape[1]} '
+                     f'locations, a {height}x{width} canvas has '
+                     f'{locs.points.shape[0]}')
+  points = jnp.asarray(locs.points)
+  levels = jnp.asarray(locs.levels)
+  if targets is None:
+    targets = targets_lib.batch_fcos_targets(
+        points, levels, jnp.asarray(locs.strides), batch['boxes'],
+        batch['labels'], batch['instance_valid'], num_classes=num_classes,
+        sizes_of_interest=sizes_of_interest,
+        center_sampling_radius=center_sampling_radius)
+
+  aux = fcos_losses(outputs, targets, example_valid, box_quality=box_quality,
+                    cls_location_weight=cls_location_weight)
+
+  # Instance selection (no gradient through the choice).
+  positive = targets['positive'] & example_valid[:, None]
+  num_slots = topk_proposals_per_im if num_slots is None else num_slots
+  if proposal_selection == 'topk_per_gt':
+    scores = proposal_scores(outputs['cls_logits'], outputs['ctrness'])
+    loc_idx, slot_valid = jax.vmap(
+        lambda p, g, s: select_topk_per_gt(
+            p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im,
+            num_slots=num_slots))(positive, targets['gt_index'], scores)
+  elif proposal_selection == 'random':
+    if rng is None:
+      raise ValueError('proposal_selection="random" needs rng')
+    loc_idx, slot_valid = jax.vmap(
+        lambda p, k: select_random(p, k, num_slots=num_slots))(
+            positive, jax.random.split(rng, bsz))
+  else:
+    raise ValueError(f'unknown proposal_selection {proposal_selection!r}')
+
+  slot_gt = jnp.maximum(
+      jnp.take_along_axis(targets['gt_index'], loc_idx, axis=1), 0)
+  params = _take(outputs['controller'], loc_idx)
+  inst_loc = points[loc_idx]
+  inst_soi = mask_head_soi(levels[loc_idx], sizes_of_interest)
+  logits = dynamic_mask_logits_batched(
+      outputs['mask_feats'], params, inst_loc, inst_soi,
+      mask_feat_stride=mask_feat_stride, mask_out_stride=mask_out_stride,
+      channels=mask_head_channels, num_layers=mask_head_num_layers)
+  h, w = logits.shape[-2:]
+  slot_f = slot_valid.astype(jnp.float32)
+  num_inst = slot_f.sum()
+  mask_scores = jax.nn.sigmoid(logits)
+
+  if mode == 'boxinst':
+    slot_boxes = _take(batch['boxes'].astype(jnp.float32), slot_gt)
+    box_masks = boxinst.box_masks_at_stride(slot_boxes, (h, w),
+                                            mask_out_stride)
+    proj = boxinst.projection_loss(
+        mask_scores.reshape(-1, h, w), box_masks.reshape(-1, h, w)).reshape(
+            bsz, num_slots)
+    aux['loss_prj'] = (proj * slot_f).sum() / jnp.maximum(num_inst, 1.0)
+
+    validity = jax.vmap(
+        lambda v, r: boxinst.image_validity_at_stride(v, r, mask_out_stride))(
+            image_valid, _rows_removed(batch, bottom_pixels_removed))
+    image = batch['image_teacher'].astype(jnp.float32) * image_valid[
+        ..., None].astype(jnp.float32)
+    similarity = jax.vmap(
+        lambda im, v: boxinst.color_similarity(
+            im, v, stride=mask_out_stride, size=pairwise_size,
+            dilation=pairwise_dilation))(image, validity)
+    loss_pair, _ = boxinst.pairwise_loss(
+        logits, similarity[:, None], box_masks, slot_valid,
+        color_thresh=pairwise_color_thresh, size=pairwise_size,
+        dilation=pairwise_dilation)
+    warmup = boxinst.pairwise_warmup_factor(step, pairwise_warmup_iters)
+    aux['loss_pairwise'] = loss_pair * warmup
+    aux['pairwise_warmup'] = warmup
+  elif mode == 'mask':
+    masks = batch['masks']
+    if masks.shape[-2:] != (h, w):
+      start = mask_out_stride // 2
+      masks = masks[..., start::mask_out_stride, start::mask_out_stride]
+    slot_masks = _take(masks.astype(jnp.float32), slot_gt)
+    dice = dice_loss(mask_scores.reshape(-1, h, w),
+                     slot_masks.reshape(-1, h, w)).reshape(bsz, num_slots)
+    aux['loss_mask'] = (dice * slot_f).sum() / jnp.maximum(num_inst, 1.0)
+  else:
+    raise ValueError(f'mode must be "boxinst" or "mask", got {mode!r}')
+
+  aux['num_mask_instances'] = num_inst
+  total = sum(v for k, v in aux.items() if k.startswith('loss_'))
+  aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+  return jnp.asarray(total, jnp.float32), aux
