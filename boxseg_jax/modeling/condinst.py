@@ -81,7 +81,11 @@ class CondInst(nn.Module):
     mask_head_num_layers: dynamic mask-head layers (3), sizes the controller.
     stride_in_1x1: detectron2 `RESNETS.STRIDE_IN_1X1`.
     freeze_at: detectron2 `BACKBONE.FREEZE_AT`.
-    resnet_num_blocks: optional blocks-per-stage override (tests only).
+    resnet_num_blocks: optional blocks-per-stage override (tests and CPU
+      demos trained from scratch).
+    resnet_width: ResNet stem / res2 width (64 standard).
+    backbone_norm: ResNet norm, "FrozenBN" (pretrained), "GN" or "BN"
+      (from scratch).
     dtype: computation dtype (e.g. jnp.bfloat16); outputs are float32.
     param_dtype: parameter dtype.
   """
@@ -99,6 +103,8 @@ class CondInst(nn.Module):
   stride_in_1x1: bool = True
   freeze_at: int = 2
   resnet_num_blocks: Optional[Sequence[int]] = None
+  resnet_width: int = 64
+  backbone_norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -133,8 +139,9 @@ class CondInst(nn.Module):
     x = image.astype(self.dtype)
     features = ResNet(depth=self.depth, stride_in_1x1=self.stride_in_1x1,
                       freeze_at=self.freeze_at,
-                      num_blocks=self.resnet_num_blocks, name="backbone",
-                      **kw)(x)
+                      num_blocks=self.resnet_num_blocks,
+                      width=self.resnet_width, norm=self.backbone_norm,
+                      name="backbone", **kw)(x, train)
     pyramid = FPN(out_channels=self.fpn_channels, name="fpn", **kw)(features)
     head = FCOSHead(num_classes=self.num_classes,
                     num_convs=self.head_num_convs,

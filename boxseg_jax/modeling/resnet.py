@@ -68,20 +68,29 @@ class FrozenBatchNorm(nn.Module):
             + shift.astype(self.dtype))
 
 
-class ConvFrozenBN(nn.Module):
-  """detectron2 `Conv2d(bias=False, norm=FrozenBN)`: `kernel` + `norm/*`.
+NORMS = ("FrozenBN", "GN", "BN")
+GN_GROUPS = 32
+BN_MOMENTUM = 0.9  # torch momentum 0.1
 
-  Padding is explicit and symmetric (`k // 2` on each side, as PyTorch), which
-  differs from Flax "SAME" for stride-2 convs on even inputs.
+
+class ConvNorm(nn.Module):
+  """detectron2 `Conv2d(bias=False, norm=NORM)`: `kernel` + `norm/*`.
+
+  `norm` is detectron2's `RESNETS.NORM`: "FrozenBN" (pretrained weights),
+  "GN" (GroupNorm, min(32, C) groups) or "BN" (BatchNorm with batch
+  statistics in training; `batch_stats` collection) for training from
+  scratch. Padding is explicit and symmetric (`k // 2` on each side, as
+  PyTorch), which differs from Flax "SAME" for stride-2 convs on even inputs.
   """
   features: int
   kernel_size: int
   stride: int = 1
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     k = self.kernel_size
     kernel = self.param("kernel", c2_msra_init,
                         (k, k, x.shape[-1], self.features), self.param_dtype)
@@ -91,20 +100,34 @@ class ConvFrozenBN(nn.Module):
         window_strides=(self.stride, self.stride),
         padding=((pad, pad), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="norm")(y)
+    if self.norm == "FrozenBN":
+      return FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="norm")(y)
+    if self.norm == "GN":
+      return nn.GroupNorm(num_groups=min(GN_GROUPS, self.features),
+                          epsilon=FROZEN_BN_EPS, use_fast_variance=False,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="norm")(y)
+    if self.norm == "BN":
+      return nn.BatchNorm(use_running_average=not train,
+                          momentum=BN_MOMENTUM, epsilon=FROZEN_BN_EPS,
+                          use_fast_variance=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="norm")(y)
+    raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 class BasicStem(nn.Module):
   """7x7/2 conv (pad 3) + FrozenBN + ReLU + 3x3/2 max-pool (pad 1)."""
   out_channels: int = 64
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = ConvFrozenBN(self.out_channels, 7, stride=2, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="conv1")(x)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = ConvNorm(self.out_channels, 7, stride=2, norm=self.norm,
+                 dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="conv1")(x, train)
     x = nn.relu(x)
     # Padded with -inf like torch's max_pool2d.
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -121,26 +144,27 @@ class BottleneckBlock(nn.Module):
   bottleneck_channels: int
   stride: int = 1
   stride_in_1x1: bool = True
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
     if x.shape[-1] != self.out_channels:
-      shortcut = ConvFrozenBN(self.out_channels, 1, stride=self.stride,
-                              name="shortcut", **kw)(x)
+      shortcut = ConvNorm(self.out_channels, 1, stride=self.stride,
+                          name="shortcut", **kw)(x, train)
     else:
       shortcut = x.astype(self.dtype)
     stride_1x1, stride_3x3 = ((self.stride, 1) if self.stride_in_1x1
                               else (1, self.stride))
-    y = ConvFrozenBN(self.bottleneck_channels, 1, stride=stride_1x1,
-                     name="conv1", **kw)(x)
+    y = ConvNorm(self.bottleneck_channels, 1, stride=stride_1x1,
+                 name="conv1", **kw)(x, train)
     y = nn.relu(y)
-    y = ConvFrozenBN(self.bottleneck_channels, 3, stride=stride_3x3,
-                     name="conv2", **kw)(y)
+    y = ConvNorm(self.bottleneck_channels, 3, stride=stride_3x3,
+                 name="conv2", **kw)(y, train)
     y = nn.relu(y)
-    y = ConvFrozenBN(self.out_channels, 1, name="conv3", **kw)(y)
+    y = ConvNorm(self.out_channels, 1, name="conv3", **kw)(y, train)
     return nn.relu(y + shortcut)
 
 
@@ -157,6 +181,11 @@ class ResNet(nn.Module):
     out_features: stage names to return, from `res2`..`res5`.
     num_blocks: optional override of the blocks per stage (res2..res5); None
       uses `RESNET_BLOCKS[depth]`.
+    width: stem / res2 bottleneck channels (64 standard; smaller widths
+      scale every stage, for CPU demos trained from scratch).
+    norm: "FrozenBN" (default, pretrained weights), "GN" or "BN" (training
+      from scratch, where an identity FrozenBN would leave a deep ResNet
+      without any normalisation).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -165,15 +194,19 @@ class ResNet(nn.Module):
   freeze_at: int = 2
   out_features: Sequence[str] = ("res3", "res4", "res5")
   num_blocks: Optional[Sequence[int]] = None
+  width: int = 64
+  norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False
+               ) -> dict[str, jax.Array]:
     """Runs the backbone.
 
     Args:
       x: `[B, H, W, 3]` normalised image, `H, W` multiples of 32.
+      train: batch statistics for `norm="BN"` (no effect otherwise).
 
     Returns:
       `{name: [B, H / s, W / s, C]}` for `out_features` (res3: s 8, C 512;
@@ -188,19 +221,22 @@ class ResNet(nn.Module):
                        f"got {self.depth}")
     if len(blocks) != 4:
       raise ValueError(f"num_blocks needs 4 stages, got {blocks}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = BasicStem(name="stem", **kw)(x.astype(self.dtype))
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = BasicStem(out_channels=self.width, name="stem", **kw)(
+        x.astype(self.dtype), train)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     outputs = {}
-    out_channels, bottleneck_channels = 256, 64
+    out_channels, bottleneck_channels = 4 * self.width, self.width
     for stage, num in enumerate(blocks, start=2):
       for i in range(num):
         x = BottleneckBlock(
             out_channels, bottleneck_channels,
             stride=2 if (i == 0 and stage > 2) else 1,
             stride_in_1x1=self.stride_in_1x1,
-            name=f"res{stage}_{i}", **kw)(x)
+            name=f"res{stage}_{i}", **kw)(x, train)
       if self.freeze_at >= stage:
         x = jax.lax.stop_gradient(x)
       name = f"res{stage}"
@@ -211,8 +247,9 @@ class ResNet(nn.Module):
     return outputs
 
 
-def _is_frozen(path: Sequence[str], freeze_at: int) -> bool:
-  if "norm" in path:  # FrozenBN values in every stage.
+def _is_frozen(path: Sequence[str], freeze_at: int,
+               frozen_bn: set) -> bool:
+  if tuple(path[:-1]) in frozen_bn:  # FrozenBN values in every stage.
     return True
   top = path[0]
   if top == "stem":
@@ -239,5 +276,8 @@ def trainable_mask(params: Mapping[str, Any],
     its optimizer.
   """
   flat = traverse_util.flatten_dict(params)
-  mask = {path: not _is_frozen(path, freeze_at) for path in flat}
+  # FrozenBN modules are the `norm`s holding running statistics in `params`
+  # (GN has only scale/bias there; BN keeps its statistics in batch_stats).
+  frozen_bn = {p[:-1] for p in flat if p[-1] == "var" and "norm" in p}
+  mask = {path: not _is_frozen(path, freeze_at, frozen_bn) for path in flat}
   return traverse_util.unflatten_dict(mask)
