@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.momentum = 0.999
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"                # sgd | adamw
   c.optim.base_lr = 0.01
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 90000
   c.train.log_every_steps = 20
   c.train.eval_every_steps = 10000    # 0: only at the end
+  c.train.eval_at_end = True
   c.train.panel_every_steps = 0       # image panels (0: at evaluations)
   c.train.max_nonfinite_streak = 20
   c.train.num_devices = -1            # -1: all devices of the mesh

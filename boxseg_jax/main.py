@@ -30,9 +30,19 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Optional.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Optional.")
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of Orbax's internals (kept: warnings and errors)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in (
+        record.pathname or "")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
@@ -46,8 +56,9 @@ def main(argv):
                jax.process_index(), jax.process_count())
   summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary.pop("state", None)
-  if jax.process_index() == 0:
-    print("summary: " + json.dumps(summary, default=str), flush=True)
+  summary.pop("history", None)
+  print(f"summary[process {jax.process_index()}]: " +
+        json.dumps(summary, default=str), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ from boxseg_jax.train import step as step_lib
 
 
 class NonFiniteLossError(RuntimeError):
-  """Raised when too many consecutive updates had a non-finite loss."""
+  """Raised when too many consecutive updates had a non-finite loss.
+
+  ``.state`` holds the train state at that point (its parameters are those
+  of the last finite update).
+  """
+  state = None
 
 
 class _Sigterm:
@@ -187,7 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   sigterm.install()
   collection = None
   host_counts = {"instances_dropped": 0.0, "instances_truncated": 0.0}
-  summary: Dict[str, Any] = {"resumed_from": how, "start_step": start_step}
+  summary: Dict[str, Any] = {"resumed_from": how, "start_step": start_step,
+                             "history": []}
   step = start_step
   t_start = time.time()
   try:
@@ -212,13 +218,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
             jax.device_get(state.num_skipped))
         writer.write_scalars(step, values)
         summary["last_metrics"] = values
+        summary["history"].append((step, values))
         collection = None
         if streak > config.train.max_nonfinite_streak:
-          raise NonFiniteLossError(
+          err = NonFiniteLossError(
               f"{streak} consecutive updates had a non-finite loss or "
               f"gradient (limit train.max_nonfinite_streak="
               f"{config.train.max_nonfinite_streak}); parameters are those "
               f"of the last finite update. Last metrics: {values}")
+          err.state = state
+          raise err
 
       ckpt.save(step, state, train_iter.get_state())
       if (config.train.eval_every_steps and
@@ -237,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info("train_step compiled %d time(s) in this run",
                  trace_count[0])
     ckpt.save(step, state, train_iter.get_state(), force=True)
-    summary["eval"] = evaluator.run(state, step, writer)
+    if config.train.eval_at_end:
+      summary["eval"] = evaluator.run(state, step, writer)
     summary["train_seconds"] = time.time() - t_start
     return summary
   finally:

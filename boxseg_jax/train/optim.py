@@ -6,8 +6,11 @@ detectron2's ``WarmupMultiStepLR``: ``lr(t) = base * gamma^{#boundaries <= t}
 are optax schedules (``piecewise_constant_schedule`` and
 ``linear_schedule``); their product is the schedule.
 
-The optimizer is SGD with momentum 0.9 (no Nesterov) and coupled L2 weight
-decay added to the gradient (PyTorch SGD ``weight_decay``), with:
+The optimizer (``optim.name``) is SGD with momentum 0.9 (no Nesterov) and
+coupled L2 weight decay added to the gradient (PyTorch SGD
+``weight_decay``), the reference's choice for ResNet configs; or AdamW with
+decoupled decay (BoxTeacher's Swin-B configs: lr 1e-4, wd 0.05), which we
+also use for small models trained from scratch. Both with:
 * frozen parameters (stem, res2, FrozenBN statistics; ``trainable_mask``)
   receiving exactly zero updates and no optimizer state;
 * weight decay on normalisation parameters configurable
@@ -92,17 +95,28 @@ def make_optimizer(o: ml_collections.ConfigDict,
 
   # weight_decay_norm < 0 means "same as weight_decay" (BoxTeacher).
   wd_norm = o.weight_decay if o.weight_decay_norm < 0 else o.weight_decay_norm
+  decay = []
   if wd_norm == o.weight_decay:
     if o.weight_decay:
-      chain.append(optax.add_decayed_weights(o.weight_decay))
+      decay.append(optax.add_decayed_weights(o.weight_decay))
   else:
     if o.weight_decay:
-      chain.append(optax.add_decayed_weights(
+      decay.append(optax.add_decayed_weights(
           o.weight_decay, mask=lambda p: norm_mask(p, False)))
     if wd_norm:
-      chain.append(optax.add_decayed_weights(
+      decay.append(optax.add_decayed_weights(
           wd_norm, mask=lambda p: norm_mask(p, True)))
-  chain.append(optax.sgd(schedule, momentum=o.momentum, nesterov=False))
+  if o.name == "sgd":
+    # Coupled L2: decay joins the gradient before momentum (PyTorch SGD).
+    chain += decay
+    chain.append(optax.sgd(schedule, momentum=o.momentum, nesterov=False))
+  elif o.name == "adamw":
+    # Decoupled decay: added after Adam's scaling, times the learning rate
+    # (torch.optim.AdamW).
+    chain += [optax.scale_by_adam(), *decay,
+              optax.scale_by_learning_rate(schedule)]
+  else:
+    raise ValueError(f"optim.name: unknown optimizer {o.name!r}")
   tx = optax.chain(*chain)
   labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
   tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},

@@ -110,3 +110,17 @@ def test_norm_param_mask():
 def test_unknown_clip_type():
   with pytest.raises(ValueError, match="optim.clip_type"):
     optim.make_optimizer(_optim_cfg(clip_type="nope"), _trainable())
+
+
+def test_adamw_first_step():
+  # Adam's first step is lr * g / (|g| + eps) = lr * sign(g); decoupled decay
+  # adds lr * wd * p: -0.1 * (1 + 0.5 * 1) = -0.15 (conv), -0.1 (GN, wd 0).
+  o = _optim_cfg(name="adamw", base_lr=0.1, warmup_steps=0, weight_decay=0.5,
+                 weight_decay_norm=0.0)
+  tx, _ = optim.make_optimizer(o, _trainable())
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["conv"]["kernel"], -0.15, rtol=1e-5)
+  np.testing.assert_allclose(updates["gn"]["scale"], -0.1, rtol=1e-5)
+  np.testing.assert_allclose(updates["frozen"]["kernel"], 0.0)

@@ -1,0 +1,190 @@
+"""Trainer: exact resume, kill -9, SIGTERM, non-finite guard, partial init.
+
+All runs use configs/tiny.py (a small CondInst on 64x64 `shapes`).
+"""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from boxseg_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+N = 6
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location(
+      "tiny", os.path.join(REPO, "configs", "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.train.num_steps = N
+  c.train.log_every_steps = 1
+  c.train.eval_at_end = False
+  c.ckpt.every_steps = 2
+  c.ckpt.max_to_keep = 10
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(
+      (state.params, state.ema_params, state.opt_state, state.batch_stats)))]
+
+
+def assert_same_state(a, b, atol=1e-6):
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """N steps in one go: the reference every resumed run must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  summary = loop.train_and_evaluate(tiny_config(), workdir)
+  return summary, workdir
+
+
+def _losses(summary):
+  return {step: m["loss"] for step, m in summary["history"]}
+
+
+def test_straight_run_compiles_once_and_logs(straight):
+  summary, workdir = straight
+  assert summary["compilations"] == 1
+  assert summary["final_step"] == N
+  assert sorted(_losses(summary)) == list(range(1, N + 1))
+  assert all(np.isfinite(v) for v in _losses(summary).values())
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))
+  # TensorBoard event file written by CLU.
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_resume_is_exact(straight, tmp_path):
+  ref, _ = straight
+  workdir = str(tmp_path)
+  first = loop.train_and_evaluate(tiny_config(**{"train.num_steps": N // 2}),
+                                  workdir)
+  assert first["final_step"] == N // 2
+  second = loop.train_and_evaluate(tiny_config(), workdir)
+  assert second["resumed_from"] == "workdir"
+  assert second["start_step"] == N // 2
+  ref_losses, got = _losses(ref), _losses(second)
+  for step in range(N // 2 + 1, N + 1):
+    assert got[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+  assert_same_state(ref["state"], second["state"])
+
+
+def _train_subprocess(workdir, extra=()):
+  env = dict(os.environ)
+  return subprocess.Popen(
+      [sys.executable, "-m", "boxseg_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.train.num_steps={N}",
+       "--config.train.eval_at_end=False", "--config.ckpt.every_steps=2",
+       "--config.ckpt.max_to_keep=10", "--config.train.log_every_steps=1",
+       *extra],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=300):
+  ckpt = os.path.join(workdir, "checkpoints")
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early:\n{proc.stdout.read()}")
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_kill9_then_resume_matches_straight_run(straight, tmp_path):
+  ref, _ = straight
+  workdir = str(tmp_path)
+  proc = _train_subprocess(workdir)
+  _wait_for_checkpoint(workdir, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir,
+                                                         "checkpoints"))
+                 if d.isdigit())
+  assert steps and steps[-1] <= N
+  resumed = loop.train_and_evaluate(tiny_config(), workdir)
+  assert resumed["resumed_from"] == "workdir"
+  assert resumed["final_step"] == N
+  assert_same_state(ref["state"], resumed["state"])
+
+
+def test_sigterm_leaves_complete_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  proc = _train_subprocess(workdir, ["--config.train.num_steps=100000"])
+  _wait_for_checkpoint(workdir, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "preempted_at" in out
+  ckpt = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert not [d for d in os.listdir(ckpt) if "tmp" in d]
+  stopped = int(out.split('"preempted_at": ')[1].split(",")[0].split("}")[0])
+  assert steps[-1] == stopped
+  assert os.path.exists(os.path.join(ckpt, "input", f"{stopped}.p0.json"))
+  resumed = loop.train_and_evaluate(
+      tiny_config(**{"train.num_steps": stopped + 1}), workdir)
+  assert resumed["resumed_from"] == "workdir"
+  assert resumed["start_step"] == stopped
+
+
+def test_nonfinite_updates_skipped_and_run_stops(tmp_path):
+  # A learning rate of 1e30 makes the first update blow the weights up, so
+  # later forwards are non-finite: those updates must be skipped (the
+  # parameters stay finite) and the run must stop after the streak limit.
+  config = tiny_config(**{"train.max_nonfinite_streak": 2,
+                          "train.num_steps": 12, "optim.base_lr": 1e30,
+                          "optim.warmup_steps": 0})
+  with pytest.raises(loop.NonFiniteLossError, match="non-finite") as err:
+    loop.train_and_evaluate(config, str(tmp_path))
+  state = err.value.state
+  assert int(state.skip_streak) == 3 and int(state.num_skipped) >= 3
+  for leaf in jax.tree.leaves(jax.device_get(state.params)):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_partial_init_from_checkpoint(straight, tmp_path):
+  ref, ref_dir = straight
+  config = tiny_config(**{"train.num_steps": 0, "init": ref_dir,
+                          "init_keys": ("backbone",)})
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["resumed_from"] == "init"
+  got = jax.device_get(summary["state"].params)
+  want = jax.device_get(ref["state"].params)
+  for x, y in zip(jax.tree.leaves(got["backbone"]),
+                  jax.tree.leaves(want["backbone"])):
+    np.testing.assert_array_equal(x, y)
+  # Other modules keep their fresh initialisation.
+  assert not all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(got["fpn"]), jax.tree.leaves(want["fpn"])))
+
+
+def test_bad_init_key_is_named(tmp_path, straight):
+  _, ref_dir = straight
+  config = tiny_config(**{"train.num_steps": 0, "init": ref_dir,
+                          "init_keys": ("bakbone",)})
+  with pytest.raises(KeyError, match="bakbone"):
+    loop.train_and_evaluate(config, str(tmp_path))
