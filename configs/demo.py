@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.data.shapes.num_train = 20000
   c.data.shapes.num_val = 100
   c.data.shapes.image_size = (128, 128)
-  c.data.shapes.min_size = 8.0
+  c.data.shapes.min_size = 12.0
   c.data.shapes.max_size = 110.0
 
   # A small CondInst trained from scratch (no pretrained weights here):
@@ -56,7 +56,11 @@ def get_config(arg=None):
   c.loss.bottom_pixels_removed = 0
   c.loss.pairwise_warmup_iters = 500
 
-  c.optim.base_lr = 0.02
+  # From scratch, AdamW learns about twice as fast per step as SGD here
+  # (measured: segm AP at 500 AdamW steps ~ at 1000 SGD steps).
+  c.optim.name = "adamw"
+  c.optim.base_lr = 1e-3
+  c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 100
   c.optim.lr_boundaries = (2400, 2800)
 

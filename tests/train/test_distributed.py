@@ -1,0 +1,107 @@
+"""Data parallelism: 4 CPU devices == 1 device; two processes train together.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+SHARDED_SCRIPT = r"""
+import importlib.util, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from boxseg_jax import config as config_lib
+from boxseg_jax.data import pipeline
+from boxseg_jax.train import loop, models, optim, step as step_lib
+
+spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+c = mod.get_config()
+assert len(jax.devices()) == 4, jax.devices()
+src = pipeline.make_source(c.data.train, shapes_cfg=c.data.shapes)
+batch = next(pipeline.TrainInput(src, config_lib.transform_config(c),
+                                 batch_size=c.data.batch_size, seed=0))
+model = models.build_model(c)
+out = {}
+for n in (1, 4):
+  mesh = step_lib.make_mesh(n)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)), train=False))
+  tx, sched = optim.make_optimizer(
+      c.optim, models.trainable_mask(c, abstract["params"]))
+  state = loop.init_state(c, model, tx, mesh)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, sched, c), mesh)
+  _, sharding = step_lib.shardings(mesh)
+  gb = loop.global_batch(batch, sharding)
+  assert len(gb["image"].sharding.device_set) == n
+  state, metrics = step(state, gb)
+  state, metrics2 = step(state, gb)
+  leaves = [np.asarray(x) for x in jax.tree.leaves(
+      jax.device_get(state.params))]
+  out[n] = {"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]),
+            "num_pos": float(metrics["num_pos"]),
+            "params": float(sum(np.abs(x).sum() for x in leaves))}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_four_devices_equal_one_device():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][0]
+  res = json.loads(line[len("RESULT "):])
+  one, four = res["1"], res["4"]
+  assert one["num_pos"] == four["num_pos"] > 0
+  assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  assert four["loss2"] == pytest.approx(one["loss2"], rel=1e-5)
+  assert four["params"] == pytest.approx(one["params"], rel=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_one_step_together(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = []
+  for i in range(2):
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "boxseg_jax.main", "--distributed",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+         f"--process_id={i}", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.train.num_steps=1",
+         "--config.train.log_every_steps=1", "--config.ckpt.every_steps=1",
+         "--config.train.eval_at_end=True"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    outs.append(out)
+  summaries = []
+  for i, out in enumerate(outs):
+    line = [l for l in out.splitlines()
+            if l.startswith(f"summary[process {i}]: ")][0]
+    summaries.append(json.loads(line.split(": ", 1)[1]))
+    assert "process %d of 2" % i in out
+  losses = [s["last_metrics"]["loss"] for s in summaries]
+  assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+  assert summaries[0]["final_step"] == summaries[1]["final_step"] == 1
+  # Both processes wrote their input position; process 0 the evaluation.
+  ckpt = tmp_path / "checkpoints"
+  assert (ckpt / "input" / "1.p0.json").exists()
+  assert (ckpt / "input" / "1.p1.json").exists()
+  assert (tmp_path / "eval" / "step_1.json").exists()
