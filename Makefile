@@ -16,14 +16,15 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
-	    --output=out/demo_data --num_batches=2
+	$(PY) -m boxseg_jax.main --config=configs/demo.py --workdir=out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/maskcut.py
 
 clean:
 	rm -rf $(VENV) out

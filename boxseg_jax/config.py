@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train = "shapes"          # dataset name (design.md)
   c.data.val = "shapes:val"
   c.data.tfds_data_dir = ""        # "" = TFDS default
+  c.data.num_train_images = -1     # > 0: only the first N training images
   c.data.canvas = (1344, 1344)     # fixed padded (H, W), multiples of 32
   c.data.max_instances = 100
   c.data.train_short_sizes = COCO_TRAIN_SHORT_SIZES

@@ -146,6 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       config.data.train, shapes_cfg=config.data.shapes, role="train",
       with_masks=config.data.with_masks,
       tfds_data_dir=config.data.tfds_data_dir or None)
+  if config.data.num_train_images > 0:
+    source = eval_lib.Subset(source, config.data.num_train_images)
   tcfg = config_lib.transform_config(config)
   train_iter = pipeline.TrainInput(
       source, tcfg, batch_size=config.data.batch_size // num_proc,
