@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
-from pycocotools import mask as mask_utils
 
+from boxseg_jax.evaluation import coco_eval
 from boxseg_jax.ops import boxes as box_ops
 from boxseg_jax.ops.aligned_bilinear import aligned_bilinear
 from boxseg_jax.ops.dynamic_mask_head import dynamic_mask_logits
@@ -228,12 +228,6 @@ def paste_masks(mask_probs: np.ndarray, *, resized_size: tuple[int, int],
       z.reshape(h_o, num, w_o).transpose(1, 0, 2)).astype(np.float32)
 
 
-def _encode(mask: np.ndarray) -> dict:
-  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-  rle['counts'] = rle['counts'].decode('ascii')
-  return rle
-
-
 def to_coco_predictions(detections: dict,
                         *,
                         image_id: int,
@@ -275,7 +269,7 @@ def to_coco_predictions(detections: dict,
     masks = paste_masks(probs, resized_size=(h_r, w_r),
                         orig_size=(h_o, w_o),
                         mask_stride=mask_stride) > mask_threshold
-    rles = [_encode(m) for m in masks]
+    rles = [coco_eval.encode_mask(m) for m in masks]
   results = []
   for i in range(len(boxes)):
     x0, y0, x1, y1 = (float(v) for v in boxes[i])
