@@ -127,6 +127,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def use_from_scratch_model(c: ml_collections.ConfigDict) -> None:
+  """Settings for a CondInst trained without pretrained weights.
+
+  GroupNorm in the backbone (an identity FrozenBN would leave the ResNet
+  unnormalised), nothing frozen, RGB input with ImageNet mean/std.
+  """
+  c.model.backbone_norm = "GN"
+  c.model.freeze_at = 0
+  c.model.input_format = "RGB"
+  c.model.pixel_mean = (123.675, 116.28, 103.53)
+  c.model.pixel_std = (58.395, 57.12, 57.375)
+
+
 def transform_config(config: ml_collections.ConfigDict, *,
                      masks=None) -> transforms.TransformConfig:
   """The static transform parameters of ``config.data``."""

@@ -36,21 +36,16 @@ def get_config(arg=None):
   c.data.shapes.min_size = 12.0
   c.data.shapes.max_size = 110.0
 
-  # A small CondInst trained from scratch (no pretrained weights here):
-  # GroupNorm in the backbone instead of FrozenBN, nothing frozen.
+  # A small CondInst trained from scratch (no pretrained weights here).
+  config_lib.use_from_scratch_model(c)
   c.model.num_classes = 4
   c.model.resnet_num_blocks = (1, 1, 1, 1)
   c.model.resnet_width = 16
-  c.model.backbone_norm = "GN"
-  c.model.freeze_at = 0
   c.model.fpn_channels = 64
   c.model.head_num_convs = 2
   c.model.mask_branch_channels = 64
   c.model.mask_branch_num_convs = 2
   c.model.mask_branch_out_channels = 8
-  c.model.input_format = "RGB"
-  c.model.pixel_mean = (123.675, 116.28, 103.53)
-  c.model.pixel_std = (58.395, 57.12, 57.375)
 
   # Shapes has no "wrong bottom rows" (a COCO annotation artefact).
   c.loss.bottom_pixels_removed = 0

@@ -26,19 +26,16 @@ def get_config(arg=None):
   c.data.shapes.max_size = 48.0
   c.data.shapes.max_objects = 4
 
+  # A small CondInst trained from scratch (no pretrained weights here).
+  config_lib.use_from_scratch_model(c)
   c.model.num_classes = 4
   c.model.resnet_num_blocks = (1, 1, 1, 1)
   c.model.resnet_width = 8
-  c.model.backbone_norm = "GN"
-  c.model.freeze_at = 0
   c.model.fpn_channels = 32
   c.model.head_num_convs = 1
   c.model.mask_branch_channels = 16
   c.model.mask_branch_out_channels = 8
   c.model.mask_branch_num_convs = 1
-  c.model.input_format = "RGB"
-  c.model.pixel_mean = (123.675, 116.28, 103.53)
-  c.model.pixel_std = (58.395, 57.12, 57.375)
 
   c.optim.warmup_steps = 2
   c.train.num_steps = 4

@@ -1,0 +1,70 @@
+r"""MaskCut pseudo masks (CutLER's label-free path), the documented run.
+
+Command (DINO weights from the official release, read without torch):
+
+  python -m boxseg_jax.maskcut --config=configs/maskcut.py \
+      --images=coco:../shared/data/coco-mini:val2017 \
+      --weights=dino_vitbase8_pretrain.pth --output=/tmp/maskcut_val.json
+
+Defaults are the README / released-file setting of CutLER (reference §5.1):
+ViT-B/8 keys, 480 x 480 input (60 x 60 patches), tau 0.15, N = 3 masks,
+DenseCRF post-processing. `arg` picks variants, comma separated: an arch
+(`vit_small16`, `vit_small8`, `vit_base16`, `vit_base8`), a solver (`eigh`,
+`lobpcg`), `nocrf`, or `script` (the `maskcut.py` argparse defaults: ViT-S/16,
+tau 0.2), e.g. `--config=configs/maskcut.py:vit_small16,lobpcg`.
+
+Hardware / runtime: CPU (2 cores), per 480 image: ViT-B/8 forward ~tens of
+seconds; the three cuts take ~8 s with the dense float64 eigh, well under 1 s
+with LOBPCG (benchmarks/maskcut.py). On one GPU use batch_size 8.
+Expected result: with `--random-init` only a smoke test (masks are
+meaningless); with DINO ViT-B/8 weights, the CutLER MaskCut pseudo masks.
+"""
+
+import ml_collections
+
+ARCHS = ("vit_small16", "vit_small8", "vit_base16", "vit_base8")
+SOLVERS = ("eigh", "lobpcg")
+
+
+def get_config(arg=None):
+  """MaskCut config; see the module docstring for `arg`."""
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "vit_base8"
+  c.fixed_size = 480
+  c.batch_size = 1
+  c.seed = 0  # random init only
+
+  c.maskcut = ml_collections.ConfigDict()
+  c.maskcut.tau = 0.15
+  c.maskcut.num_masks = 3
+  c.maskcut.eps = 1e-5
+  c.maskcut.solver = "eigh"  # eigh | lobpcg
+  c.maskcut.solve_dtype = "float64"  # float64 | float32
+  c.maskcut.lobpcg_iters = 100
+  # None: LOBPCG's default (the dtype's epsilon); float32 needs a value.
+  c.maskcut.lobpcg_tol = ml_collections.config_dict.placeholder(float)
+  # True: deflate the known top eigenvector, block size 1 (docs/maskcut.md).
+  c.maskcut.lobpcg_deflate = False
+  c.maskcut.min_area_ratio = 0.01
+  c.maskcut.iou_thresh = 0.5
+  c.maskcut.tie_rtol = 1e-5
+
+  c.post = ml_collections.ConfigDict()
+  c.post.crf = True  # needs pydensecrf (pip pydensecrf2)
+  c.post.crf_iou_thresh = 0.5
+
+  for token in (arg.split(",") if arg else []):
+    if token in ARCHS:
+      c.model.arch = token
+    elif token in SOLVERS:
+      c.maskcut.solver = token
+    elif token == "nocrf":
+      c.post.crf = False
+    elif token == "script":
+      c.model.arch = "vit_small16"
+      c.maskcut.tau = 0.2
+    else:
+      raise ValueError(f"unknown maskcut config arg {token!r}")
+  c.lock()
+  return c
