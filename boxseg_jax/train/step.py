@@ -107,7 +107,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
     metrics.update(
         loss=total.astype(jnp.float32),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
-        grad_norm=optax.global_norm(grads).astype(jnp.float32),
+        grad_norm=optax.tree.norm(grads).astype(jnp.float32),
         update_skipped=(~ok).astype(jnp.float32))
     return new_state, metrics
 
