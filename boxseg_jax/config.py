@@ -141,11 +141,15 @@ def use_from_scratch_model(c: ml_collections.ConfigDict) -> None:
 
 
 def transform_config(config: ml_collections.ConfigDict, *,
-                     masks=None) -> transforms.TransformConfig:
-  """The static transform parameters of ``config.data``."""
+                     masks="auto") -> transforms.TransformConfig:
+  """The static transform parameters of ``config.data``.
+
+  ``masks``: "auto" puts point-sampled GT masks in the batch iff
+  ``data.with_masks``; None, "s4" or "full" force that mode.
+  """
   d = config.data
-  if masks is None and d.with_masks:
-    masks = "s4"
+  if masks == "auto":
+    masks = "s4" if d.with_masks else None
   return transforms.TransformConfig(
       canvas=tuple(d.canvas), max_instances=d.max_instances,
       short_sizes=tuple(d.train_short_sizes), max_size=d.train_max_size,
