@@ -3,7 +3,7 @@
 Reads `torch.save` files **without executing pickled code**: the pickle is
 parsed by a restricted unpickler whose `find_class` only resolves a fixed set
 of tensor-rebuilding names to local numpy functions; any other global becomes
-an inert placeholder (so full training checkpoints with `argparse.Namespace`
+an inert stand-in object (so full training checkpoints with `argparse.Namespace`
 or optimizer state still parse, and nothing from them is called). Both the
 zip format (torch >= 1.6) and the legacy tar-less stream format are read.
 torch itself is not needed.
