@@ -193,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   sigterm = _Sigterm()
   sigterm.install()
   collection = None
+  metrics_cls = None  # CLU Collection type, built once from the step's keys
   host_counts = {"instances_dropped": 0.0, "instances_truncated": 0.0}
   summary: Dict[str, Any] = {"resumed_from": how, "start_step": start_step,
                              "history": []}
@@ -206,8 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           batch["num_truncated"].sum())
       state, metrics = train_step(state, global_batch(batch, batch_sharding))
       step += 1
-      update = _metrics_collection(metrics).single_from_model_output(
-          **metrics)
+      if metrics_cls is None:
+        metrics_cls = _metrics_collection(metrics)
+      update = metrics_cls.single_from_model_output(**metrics)
       collection = update if collection is None else collection.merge(update)
       report(step)
 
