@@ -99,11 +99,12 @@ def evaluate(gt: COCO, predictions: Sequence[Dict[str, Any]], *,
   """
   img_ids = sorted(gt.getImgIds() if image_ids is None else
                    {int(i) for i in image_ids})
+  wanted = set(img_ids)
   results = {}
   for iou_type in iou_types:
     if iou_type not in IOU_TYPES:
       raise ValueError(f"unknown iou_type {iou_type!r}")
-    preds = [p for p in predictions if p["image_id"] in set(img_ids)]
+    preds = [p for p in predictions if p["image_id"] in wanted]
     if iou_type == "segm":
       preds = [p for p in preds if "segmentation" in p]
     if not preds:
