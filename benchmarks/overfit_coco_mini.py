@@ -39,6 +39,11 @@ def make_config(method, root, steps, canvas, num_images):
   c.data.max_instances = 50
   c.model.num_classes = 80
   c.loss.bottom_pixels_removed = 10
+  # COCO photos have many positives: the reference's 64 slots per image.
+  c.loss.mask_slots_per_image = 0
+  # The pairwise term reaches full weight after a tenth of the run (the
+  # reference: 10k of 90k iterations).
+  c.loss.pairwise_warmup_iters = max(steps // 10, 1)
   c.train.num_steps = steps
   c.train.eval_every_steps = 0
   c.train.log_every_steps = 50

@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.sizes_of_interest = (64, 128, 256, 512)
   c.loss.center_sampling_radius = 1.5
   c.loss.topk_proposals_per_im = 64
+  # Static mask-head slots per image; 0 = topk_proposals_per_im (exact
+  # reference). Smaller budgets suit sparse data; the instances that do
+  # not fit are counted in the `mask_slots_overflow` metric.
+  c.loss.mask_slots_per_image = 0
   c.loss.bottom_pixels_removed = 10
   c.loss.pairwise_size = 3
   c.loss.pairwise_dilation = 2

@@ -32,6 +32,31 @@ def proposal_scores(cls_logits: jnp.ndarray,
   return jax.lax.stop_gradient(score.astype(jnp.float32))
 
 
+def topk_per_gt_keep(positive: jnp.ndarray,
+                     gt_index: jnp.ndarray,
+                     scores: jnp.ndarray,
+                     *,
+                     num_gt: int,
+                     topk_per_image: int = 64) -> jnp.ndarray:
+  """`[L]` bool: the positives the reference's top-k-per-GT rule keeps.
+
+  Every GT present among the positives keeps its top
+  `max(int(topk_per_image / U), 1)` positives by `scores` (ties: lower
+  location index first); see `select_topk_per_gt`.
+  """
+  num_loc = positive.shape[0]
+  g = jnp.where(positive, gt_index, num_gt).astype(jnp.int32)
+  present = jnp.zeros((num_gt + 1,), bool).at[g].set(True)[:num_gt]
+  num_unique = jnp.sum(present.astype(jnp.int32))
+  quota = jnp.maximum(topk_per_image // jnp.maximum(num_unique, 1), 1)
+  order = jnp.lexsort((-scores.astype(jnp.float32), g))
+  g_sorted = g[order]
+  group_start = jnp.searchsorted(g_sorted, g_sorted, side='left')
+  rank_sorted = jnp.arange(num_loc, dtype=jnp.int32) - group_start
+  rank = jnp.zeros((num_loc,), jnp.int32).at[order].set(rank_sorted)
+  return positive & (rank < quota)
+
+
 def select_topk_per_gt(positive: jnp.ndarray,
                        gt_index: jnp.ndarray,
                        scores: jnp.ndarray,
@@ -44,9 +69,10 @@ def select_topk_per_gt(positive: jnp.ndarray,
 
   With U = number of distinct GTs among the positives, every GT keeps its
   top `max(int(topk_per_image / U), 1)` positives by `scores` (ties: lower
-  location index first). The kept locations fill `num_slots` slots; only
-  when `U > num_slots` (one positive per GT, more GTs than slots) do they not
-  all fit, and then the highest-scored ones are kept.
+  location index first). The kept locations fill `num_slots` slots; when
+  more are kept than there are slots (`U > num_slots`, or a `num_slots`
+  below `topk_per_image`), the highest-scored ones fill the slots and
+  `condinst_losses` reports the rest as `mask_slots_overflow`.
 
   Args:
     positive: `[L]` bool FCOS positives.
@@ -61,18 +87,9 @@ def select_topk_per_gt(positive: jnp.ndarray,
     `(location_index [S] int32, slot_valid [S] bool)`.
   """
   num_slots = topk_per_image if num_slots is None else num_slots
-  num_loc = positive.shape[0]
-  g = jnp.where(positive, gt_index, num_gt).astype(jnp.int32)
-  present = jnp.zeros((num_gt + 1,), bool).at[g].set(True)[:num_gt]
-  num_unique = jnp.sum(present.astype(jnp.int32))
-  quota = jnp.maximum(topk_per_image // jnp.maximum(num_unique, 1), 1)
+  keep = topk_per_gt_keep(positive, gt_index, scores, num_gt=num_gt,
+                          topk_per_image=topk_per_image)
   scores = scores.astype(jnp.float32)
-  order = jnp.lexsort((-scores, g))
-  g_sorted = g[order]
-  group_start = jnp.searchsorted(g_sorted, g_sorted, side='left')
-  rank_sorted = jnp.arange(num_loc, dtype=jnp.int32) - group_start
-  rank = jnp.zeros((num_loc,), jnp.int32).at[order].set(rank_sorted)
-  keep = positive & (rank < quota)
   priority = jnp.where(keep, scores, -1.0)
   _, idx = jax.lax.top_k(priority, num_slots)
   return idx.astype(jnp.int32), keep[idx]
@@ -169,7 +186,9 @@ def condinst_losses(outputs: dict,
     `(total, aux)`: scalar f32 total loss and a dict of f32 scalars:
     `loss_fcos_cls`, `loss_fcos_loc`, `loss_fcos_ctr`, `loss_prj` and
     `loss_pairwise` (boxinst) or `loss_mask` (mask), `num_pos`,
-    `num_mask_instances`, and `pairwise_warmup` (boxinst).
+    `num_mask_instances`, `mask_slots_overflow` (instances the selection
+    kept that did not fit in `num_slots`; for `'random'`, positives not
+    drawn) and `pairwise_warmup` (boxinst).
   """
   image_valid = batch['image_valid']
   bsz, height, width = image_valid.shape
@@ -206,12 +225,17 @@ def condinst_losses(outputs: dict,
         lambda p, g, s: select_topk_per_gt(
             p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im,
             num_slots=num_slots))(positive, targets['gt_index'], scores)
+    num_kept = jax.vmap(
+        lambda p, g, s: topk_per_gt_keep(
+            p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im))(
+                positive, targets['gt_index'], scores).sum(-1)
   elif proposal_selection == 'random':
     if rng is None:
       raise ValueError('proposal_selection="random" needs rng')
     loc_idx, slot_valid = jax.vmap(
         lambda p, k: select_random(p, k, num_slots=num_slots))(
             positive, jax.random.split(rng, bsz))
+    num_kept = positive.sum(-1)
   else:
     raise ValueError(f'unknown proposal_selection {proposal_selection!r}')
 
@@ -267,6 +291,9 @@ def condinst_losses(outputs: dict,
     raise ValueError(f'mode must be "boxinst" or "mask", got {mode!r}')
 
   aux['num_mask_instances'] = num_inst
+  # Selected instances that found no slot (0 whenever the slots suffice).
+  aux['mask_slots_overflow'] = jnp.maximum(
+      num_kept - slot_valid.sum(-1), 0).sum()
   total = sum(v for k, v in aux.items() if k.startswith('loss_'))
   aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
   return jnp.asarray(total, jnp.float32), aux

@@ -16,8 +16,9 @@ class TrainState:
     params: student parameters.
     ema_params: teacher parameters (EMA of the student, reference §4.7).
     batch_stats: student BatchNorm statistics (mask branch).
-    ema_batch_stats: teacher BatchNorm statistics, updated by the teacher's
-      own train-mode forward (never averaged: §4.7, buffers are not EMA'd).
+    ema_batch_stats: teacher BatchNorm statistics, never averaged (§4.7:
+      buffers are not EMA'd): those of the teacher's own train-mode forward
+      in methods that run one, else a copy of the student's.
     opt_state: optax state.
     bank: Peer-assisted Copy-paste memory bank (fixed-size arrays + valid
       mask); an empty dict for methods without one.

@@ -42,6 +42,7 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   lc, mc = config.loss, config.model
   return dict(
       topk_proposals_per_im=lc.topk_proposals_per_im,
+      num_slots=lc.mask_slots_per_image or None,
       sizes_of_interest=tuple(lc.sizes_of_interest),
       center_sampling_radius=lc.center_sampling_radius,
       box_quality=mc.box_quality,
@@ -95,11 +96,16 @@ def make_train_step(model, tx: optax.GradientTransformation,
     def keep(new, old):
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
+    batch_stats = keep(batch_stats, state.batch_stats)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
-        batch_stats=keep(batch_stats, state.batch_stats),
+        batch_stats=batch_stats,
+        # No method here runs a teacher forward, so the teacher's BN
+        # statistics are the student's (never the init values), and
+        # `eval.use_teacher` evaluates the EMA weights with real statistics.
+        ema_batch_stats=batch_stats,
         ema_params=ema_params,
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1))

@@ -205,6 +205,43 @@ def test_projection_and_selection_glue_match_manual():
                              rtol=1e-4)
 
 
+def test_smaller_slot_budget_keeps_best_and_counts_overflow():
+  outputs, batch = _random_problem(1)
+  targets = _targets(batch)
+  k = 8
+  full = _manual_slots(outputs, targets, k)
+  fn = lambda o, s: condinst.condinst_losses(
+      o, targets, batch, topk_proposals_per_im=k, num_slots=s)[1]
+  assert float(jax.jit(lambda o: fn(o, None))(outputs)[
+      'mask_slots_overflow']) == 0
+  slots = 3
+  aux = jax.jit(lambda o: fn(o, slots))(outputs)
+  per_image = [sum(1 for b, _ in full if b == i) for i in range(B)]
+  expect_kept = sum(min(n, slots) for n in per_image)
+  assert max(per_image) > slots  # the case is not vacuous
+  assert float(aux['num_mask_instances']) == expect_kept
+  assert float(aux['mask_slots_overflow']) == len(full) - expect_kept
+  # The kept ones are each image's highest-scored of the reference's set:
+  # the projection loss equals the manual mean over exactly those.
+  score = np.asarray(jax.nn.sigmoid(outputs['cls_logits'].max(-1)) *
+                     jax.nn.sigmoid(outputs['ctrness']))
+  best = []
+  for i in range(B):
+    mine = sorted([s for s in full if s[0] == i], key=lambda s: -score[s])
+    best += mine[:slots]
+  probs = 1 / (1 + np.exp(-_manual_logits(outputs, best)))
+  losses = []
+  for (b, i), p in zip(best, probs):
+    g = int(targets['gt_index'][b, i])
+    x0, y0, x1, y1 = np.asarray(batch['boxes'][b, g])
+    m = np.zeros((H, W))
+    m[int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
+    m = m[2::4, 2::4]
+    losses.append(_dice_np(p.max(0), m.max(0)) + _dice_np(p.max(1), m.max(1)))
+  np.testing.assert_allclose(float(aux['loss_prj']), np.mean(losses),
+                             rtol=1e-4)
+
+
 def test_mask_mode_dice_matches_manual():
   outputs, batch = _random_problem(2, with_masks=True)
   targets = _targets(batch)

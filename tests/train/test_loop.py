@@ -69,6 +69,14 @@ def test_straight_run_compiles_once_and_logs(straight):
   assert summary["final_step"] == N
   assert sorted(_losses(summary)) == list(range(1, N + 1))
   assert all(np.isfinite(v) for v in _losses(summary).values())
+  # Without a teacher forward the teacher's BN statistics follow the
+  # student's (they moved away from their init values).
+  state = summary["state"]
+  for a, b in zip(jax.tree.leaves(state.ema_batch_stats),
+                  jax.tree.leaves(state.batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(
+      state.batch_stats))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))
   # TensorBoard event file written by CLU.
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
