@@ -30,11 +30,6 @@ from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import coco_eval
 from boxseg_jax.evaluation import postprocess
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_STRIDE = flags.DEFINE_integer("stride", 4, "Mask grid stride.")
-_OUTPUT = flags.DEFINE_string("output", "", "Optional JSON output path.")
-
-
 def _grid(masks: np.ndarray, stride: int, mode: str) -> np.ndarray:
   """``[n, H, W]`` canvas masks -> ``[n, H/s, W/s]`` float grid."""
   m = masks.astype(np.float32)
@@ -76,15 +71,21 @@ def ceiling(config, stride: int = 4) -> Dict[str, Dict[str, float]]:
 
 def main(argv):
   del argv
-  out = ceiling(_CONFIG.value, _STRIDE.value)
+  stride = flags.FLAGS.stride
+  out = ceiling(flags.FLAGS.config, stride)
   for mode, metrics in out.items():
-    print(f"GT through the stride-{_STRIDE.value} mask path ({mode}):\n"
+    print(f"GT through the stride-{stride} mask path ({mode}):\n"
           f"{coco_eval.format_table(metrics)}")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"stride": _STRIDE.value, **out}, f, indent=2)
+  if flags.FLAGS.output:
+    with open(flags.FLAGS.output, "w") as f:
+      json.dump({"stride": stride, **out}, f, indent=2)
 
 
 if __name__ == "__main__":
+  # Flags are defined only for the CLI, so importing this module (tests,
+  # other tools) never collides with another tool's --config/--output.
+  config_flags.DEFINE_config_file("config", None, "Config file.")
+  flags.DEFINE_integer("stride", 4, "Mask grid stride.")
+  flags.DEFINE_string("output", "", "Optional JSON output path.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

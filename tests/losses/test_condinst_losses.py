@@ -183,15 +183,8 @@ def _dice_np(x, t):
   return 1 - 2 * (x * t).sum() / ((x * x).sum() + (t * t).sum() + 1e-5)
 
 
-def test_projection_and_selection_glue_match_manual():
-  outputs, batch = _random_problem(1)
-  targets = _targets(batch)
-  k = 8
-  _, aux = jax.jit(lambda o: condinst.condinst_losses(
-      o, targets, batch, topk_proposals_per_im=k))(outputs)
-  slots = _manual_slots(outputs, targets, k)
-  assert float(aux['num_mask_instances']) == len(slots) > 4
-  assert float(aux['num_pos']) == float(targets['positive'].sum())
+def _manual_projection(outputs, batch, targets, slots):
+  """Mean projection loss over `slots` (numpy, from the formula)."""
   probs = 1 / (1 + np.exp(-_manual_logits(outputs, slots)))
   losses = []
   for (b, i), p in zip(slots, probs):
@@ -201,8 +194,21 @@ def test_projection_and_selection_glue_match_manual():
     full[int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
     m = full[2::4, 2::4]
     losses.append(_dice_np(p.max(0), m.max(0)) + _dice_np(p.max(1), m.max(1)))
-  np.testing.assert_allclose(float(aux['loss_prj']), np.mean(losses),
-                             rtol=1e-4)
+  return np.mean(losses)
+
+
+def test_projection_and_selection_glue_match_manual():
+  outputs, batch = _random_problem(1)
+  targets = _targets(batch)
+  k = 8
+  _, aux = jax.jit(lambda o: condinst.condinst_losses(
+      o, targets, batch, topk_proposals_per_im=k))(outputs)
+  slots = _manual_slots(outputs, targets, k)
+  assert float(aux['num_mask_instances']) == len(slots) > 4
+  assert float(aux['num_pos']) == float(targets['positive'].sum())
+  np.testing.assert_allclose(float(aux['loss_prj']),
+                             _manual_projection(outputs, batch, targets,
+                                                slots), rtol=1e-4)
 
 
 def test_smaller_slot_budget_keeps_best_and_counts_overflow():
@@ -229,17 +235,9 @@ def test_smaller_slot_budget_keeps_best_and_counts_overflow():
   for i in range(B):
     mine = sorted([s for s in full if s[0] == i], key=lambda s: -score[s])
     best += mine[:slots]
-  probs = 1 / (1 + np.exp(-_manual_logits(outputs, best)))
-  losses = []
-  for (b, i), p in zip(best, probs):
-    g = int(targets['gt_index'][b, i])
-    x0, y0, x1, y1 = np.asarray(batch['boxes'][b, g])
-    m = np.zeros((H, W))
-    m[int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
-    m = m[2::4, 2::4]
-    losses.append(_dice_np(p.max(0), m.max(0)) + _dice_np(p.max(1), m.max(1)))
-  np.testing.assert_allclose(float(aux['loss_prj']), np.mean(losses),
-                             rtol=1e-4)
+  np.testing.assert_allclose(float(aux['loss_prj']),
+                             _manual_projection(outputs, batch, targets,
+                                                best), rtol=1e-4)
 
 
 def test_mask_mode_dice_matches_manual():

@@ -1,7 +1,10 @@
 """mask_ceiling: GT through the CondInst mask output path."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -31,3 +34,14 @@ def test_stride_one_is_exact_and_stride_four_loses_detail():
   for mode in ("point", "area"):
     assert coarse[mode]["bbox"]["AP"] == pytest.approx(100.0)
     assert 0.0 < coarse[mode]["segm"]["AP"] < 95.0
+
+
+def test_cli_writes_json(tmp_path):
+  out = tmp_path / "ceiling.json"
+  subprocess.run([sys.executable, "-m", "boxseg_jax.tools.mask_ceiling",
+                  "--config=configs/tiny.py", f"--output={out}"],
+                 cwd=REPO, check=True, capture_output=True)
+  data = json.loads(out.read_text())
+  assert data["stride"] == 4
+  assert data["point"]["bbox"]["AP"] == pytest.approx(100.0)
+  assert 0.0 < data["area"]["segm"]["AP"] < 100.0
