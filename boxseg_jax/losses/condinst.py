@@ -89,8 +89,17 @@ def select_topk_per_gt(positive: jnp.ndarray,
   num_slots = topk_per_image if num_slots is None else num_slots
   keep = topk_per_gt_keep(positive, gt_index, scores, num_gt=num_gt,
                           topk_per_image=topk_per_image)
-  scores = scores.astype(jnp.float32)
-  priority = jnp.where(keep, scores, -1.0)
+  return fill_slots(keep, scores, num_slots)
+
+
+def fill_slots(keep: jnp.ndarray, scores: jnp.ndarray,
+               num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The `num_slots` highest-scored kept locations of one image.
+
+  Returns:
+    `(location_index [S] int32, slot_valid [S] bool)`.
+  """
+  priority = jnp.where(keep, scores.astype(jnp.float32), -1.0)
   _, idx = jax.lax.top_k(priority, num_slots)
   return idx.astype(jnp.int32), keep[idx]
 
@@ -221,14 +230,13 @@ def condinst_losses(outputs: dict,
   num_slots = topk_proposals_per_im if num_slots is None else num_slots
   if proposal_selection == 'topk_per_gt':
     scores = proposal_scores(outputs['cls_logits'], outputs['ctrness'])
-    loc_idx, slot_valid = jax.vmap(
-        lambda p, g, s: select_topk_per_gt(
-            p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im,
-            num_slots=num_slots))(positive, targets['gt_index'], scores)
-    num_kept = jax.vmap(
+    keep = jax.vmap(
         lambda p, g, s: topk_per_gt_keep(
             p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im))(
-                positive, targets['gt_index'], scores).sum(-1)
+                positive, targets['gt_index'], scores)
+    loc_idx, slot_valid = jax.vmap(
+        lambda k, s: fill_slots(k, s, num_slots))(keep, scores)
+    num_kept = keep.sum(-1)
   elif proposal_selection == 'random':
     if rng is None:
       raise ValueError('proposal_selection="random" needs rng')
