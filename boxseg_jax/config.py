@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 8       # global
   c.data.num_threads = 2           # host threads per process
   c.data.prefetch_batches = 2
+  # Stop with an error after this many undecodable training records in a
+  # row (at most one pass over the shard; <= 0: one whole pass).
+  c.data.max_consecutive_skips = 1000
   c.data.shapes = ml_collections.ConfigDict(dict(
       num_train=2000, num_val=200, seed=0, image_size=(320, 320),
       min_objects=1, max_objects=8, min_size=12.0, max_size=220.0))

@@ -1,12 +1,10 @@
 """DINO ViT checkpoints (PyTorch `.pth`) -> Flax params of `maskcut.vit`.
 
-Reads `torch.save` files **without executing pickled code**: the pickle is
-parsed by a restricted unpickler whose `find_class` only resolves a fixed set
-of tensor-rebuilding names to local numpy functions; any other global becomes
-an inert stand-in object (so full training checkpoints with `argparse.Namespace`
-or optimizer state still parse, and nothing from them is called). Both the
-zip format (torch >= 1.6) and the legacy tar-less stream format are read.
-torch itself is not needed.
+Reads `torch.save` files **without executing pickled code**, through
+`convert.safe_pickle` (every record, the legacy header records included, is
+parsed by a restricted unpickler; see that module). Both the zip format
+(torch >= 1.6) and the legacy stream format are read; torch itself is not
+needed.
 
 Key layout of the official DINO backbone checkpoints
 (`dino_deitsmall16_pretrain.pth`, `dino_deitsmall8_pretrain.pth`,
@@ -31,249 +29,16 @@ takes the teacher by default (as DINO's own evaluation does) and ignores the
 projection "head.*" keys there.
 """
 
-import collections
-import io
-import os
-import pickle
-import struct
-import zipfile
-from typing import Any, BinaryIO, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-# torch storage class name -> numpy dtype ("bfloat16" handled separately).
-_STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+from boxseg_jax.convert import safe_pickle
+from boxseg_jax.convert.safe_pickle import CheckpointError
+from boxseg_jax.convert.safe_pickle import read_torch_checkpoint
+
 _HEAD_DIM = 64  # every DINO ViT uses 64-dim heads (ViT-S: 6, ViT-B: 12).
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not match a DINO ViT."""
-
-
-class _Opaque:
-  """Inert stand-in for any non-tensor global found in a pickle.
-
-  Records constructor arguments and state; never runs the original code.
-  """
-  opaque_name = "?"
-
-  def __new__(cls, *args, **kwargs):
-    del kwargs
-    obj = object.__new__(cls)
-    obj.args = args
-    obj.state = None
-    return obj
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def __setstate__(self, state):
-    self.state = state
-
-  def __repr__(self):
-    return f"<opaque {self.opaque_name}>"
-
-
-def _opaque_class(name: str):
-  return type("Opaque_" + name.replace(".", "_"), (_Opaque,),
-              {"opaque_name": name})
-
-
-class _StorageType:
-
-  def __init__(self, name: str):
-    self.name = name
-    self.dtype = _STORAGE_DTYPES[name]
-
-
-class _StorageRef:
-  """A storage referenced by key; bytes are attached when known."""
-
-  def __init__(self, key: str, stype: _StorageType, numel: Optional[int]):
-    self.key = key
-    self.stype = stype
-    self.numel = numel
-    self.data: Optional[bytes] = None
-
-
-class _TensorRef:
-
-  def __init__(self, storage, offset, size, stride):
-    self.storage = storage
-    self.offset = int(offset)
-    self.size = tuple(int(s) for s in size)
-    self.stride = tuple(int(s) for s in stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, *unused):
-  del unused  # requires_grad, backward_hooks, metadata
-  return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, *unused):
-  del unused
-  return data
-
-
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
-}
-
-
-class _Unpickler(pickle.Unpickler):
-  """Resolves only tensor rebuilding; everything else becomes `_Opaque`."""
-
-  def __init__(self, file: BinaryIO, storages: Dict[str, _StorageRef]):
-    super().__init__(file, encoding="latin1")
-    self._storages = storages
-
-  def find_class(self, module, name):
-    if (module, name) in _SAFE_GLOBALS:
-      return _SAFE_GLOBALS[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    return _opaque_class(f"{module}.{name}")
-
-  def persistent_load(self, pid):
-    # zip: ('storage', type, key, location, numel)
-    # legacy: ('storage', type, root_key, location, numel, view_metadata)
-    if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-      raise CheckpointError(f"unsupported persistent id {pid!r}")
-    stype, key = pid[1], str(pid[2])
-    if not isinstance(stype, _StorageType):
-      # torch >= 2 may pickle `torch.storage.UntypedStorage` with a dtype.
-      raise CheckpointError(f"unsupported storage type {stype!r}")
-    if len(pid) > 5 and pid[5] is not None:
-      raise CheckpointError("legacy storage views are not supported")
-    if key not in self._storages:
-      numel = int(pid[4]) if len(pid) > 4 else None
-      self._storages[key] = _StorageRef(key, stype, numel)
-    return self._storages[key]
-
-
-def _materialize(obj: Any, byteorder: str) -> Any:
-  """Replaces `_TensorRef`s by numpy arrays, recursively."""
-  if isinstance(obj, _TensorRef):
-    ref = obj.storage
-    if ref.data is None:
-      raise CheckpointError(f"storage {ref.key} has no data")
-    dtype = ref.stype.dtype
-    raw_dtype = np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
-    raw_dtype = raw_dtype.newbyteorder("<" if byteorder == "little" else ">")
-    flat = np.frombuffer(ref.data, dtype=raw_dtype)
-    if not obj.size:
-      arr = flat[obj.offset:obj.offset + 1].reshape(())
-    else:
-      needed = obj.offset + 1 + sum(
-          (s - 1) * st for s, st in zip(obj.size, obj.stride))
-      if min(obj.size) > 0 and needed > flat.size:
-        raise CheckpointError(f"storage {ref.key} is too short")
-      arr = np.lib.stride_tricks.as_strided(
-          flat[obj.offset:], shape=obj.size,
-          strides=tuple(s * raw_dtype.itemsize for s in obj.stride))
-    arr = np.array(arr, dtype=raw_dtype.newbyteorder("="))
-    if dtype == "bfloat16":
-      arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr
-  if isinstance(obj, dict):
-    return type(obj)((k, _materialize(v, byteorder)) for k, v in obj.items())
-  if isinstance(obj, list):
-    return [_materialize(v, byteorder) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_materialize(v, byteorder) for v in obj)
-  return obj
-
-
-def _read_zip(path: str) -> Any:
-  with zipfile.ZipFile(path) as zf:
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith("data.pkl")]
-    if len(pkl) != 1:
-      raise CheckpointError(f"{path}: expected one data.pkl, found {pkl}")
-    prefix = pkl[0][:-len("data.pkl")]
-    byteorder = "little"
-    if prefix + "byteorder" in names:
-      byteorder = zf.read(prefix + "byteorder").decode().strip()
-    storages: Dict[str, _StorageRef] = {}
-    obj = _Unpickler(io.BytesIO(zf.read(pkl[0])), storages).load()
-    for key, ref in storages.items():
-      name = f"{prefix}data/{key}"
-      if name not in names:
-        raise CheckpointError(f"{path}: missing tensor data {name}")
-      ref.data = zf.read(name)
-  return _materialize(obj, byteorder)
-
-
-def _read_legacy(path: str) -> Any:
-  with open(path, "rb") as f:
-    head = pickle.Unpickler(f)
-    try:
-      magic = head.load()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"{path}: not a PyTorch checkpoint ({e})") from e
-    if magic != _LEGACY_MAGIC:
-      raise CheckpointError(f"{path}: not a PyTorch checkpoint (bad magic)")
-    pickle.Unpickler(f).load()  # protocol version
-    sys_info = pickle.Unpickler(f).load()
-    little = True
-    if isinstance(sys_info, dict):
-      little = sys_info.get("little_endian", True)
-    storages: Dict[str, _StorageRef] = {}
-    obj = _Unpickler(f, storages).load()
-    keys = pickle.Unpickler(f).load()
-    for key in keys:
-      ref = storages[str(key)]
-      (numel,) = struct.unpack("<q" if little else ">q", f.read(8))
-      itemsize = 2 if ref.stype.dtype == "bfloat16" else np.dtype(
-          ref.stype.dtype).itemsize
-      ref.data = f.read(numel * itemsize)
-      if len(ref.data) != numel * itemsize:
-        raise CheckpointError(f"{path}: truncated storage {key}")
-  return _materialize(obj, "little" if little else "big")
-
-
-def read_torch_checkpoint(path: str) -> Any:
-  """Reads a `torch.save` file into python containers of numpy arrays.
-
-  No pickled code is executed: only tensor rebuilding and OrderedDict are
-  resolved; any other class becomes an inert `_Opaque` record.
-
-  Args:
-    path: a `.pth`/`.pt` file in zip or legacy format.
-
-  Returns:
-    The saved object with every tensor replaced by a numpy array (bfloat16
-    becomes float32).
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-  if zipfile.is_zipfile(path):
-    return _read_zip(path)
-  return _read_legacy(path)
+_Opaque = safe_pickle.Opaque  # inert stand-in for non-tensor globals
 
 
 def _strip(sd: Dict[str, Any]) -> Dict[str, Any]:

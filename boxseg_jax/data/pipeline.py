@@ -14,6 +14,7 @@ Datasets are named by one string (design.md): ``shapes``, ``shapes:val``,
 """
 
 import logging
+import queue
 import threading
 from typing import Any, Dict, Iterator, Optional
 
@@ -85,19 +86,47 @@ class SkipCounter:
         logging.warning("input: skipping record (%s): %s", reason, detail)
 
 
-class _SafeLoad(grain.transforms.Map):
-  """source[i] with undecodable images skipped and counted."""
+class InputError(RuntimeError):
+  """The training input cannot produce batches (e.g. nothing decodes)."""
 
-  def __init__(self, source, skips: SkipCounter):
+
+class _SafeLoad(grain.transforms.Map):
+  """source[i] with undecodable images skipped and counted.
+
+  A run of ``max_consecutive`` skipped records in a row (at most one whole
+  pass over the shard) raises ``InputError``: a source where nothing
+  decodes (Git LFS pointer files, the wrong split folder) would otherwise
+  be retried forever.
+  """
+
+  def __init__(self, source, skips: SkipCounter, *, max_consecutive: int,
+               name: str):
     self._source = source
     self._skips = skips
+    self._max = max_consecutive
+    self._name = name
+    self._lock = threading.Lock()
+    self._run = 0
 
   def map(self, index):
     try:
-      return self._source[int(index)]
+      ex = self._source[int(index)]
     except coco.BadImageError as e:
       self._skips.add("bad_image", str(e))
+      with self._lock:
+        self._run += 1
+        run = self._run
+      if run >= self._max:
+        raise InputError(
+            f"{self._name}: {run} training records in a row could not be "
+            f"loaded (skips so far: {self._skips.counts}; first: "
+            f"{self._skips.examples.get('bad_image')}). Check the dataset "
+            "path and split, and that the image files are real images (not "
+            "Git LFS pointers). data.max_consecutive_skips sets the limit.")
       return None
+    with self._lock:
+      self._run = 0
+    return ex
 
 
 def _stack(examples):
@@ -105,18 +134,31 @@ def _stack(examples):
           for k in examples[0]}
 
 
+class _Stop:
+  """Marker: the wait for a batch ended because ``stop`` was set."""
+
+
+STOPPED = _Stop()
+
+
 class TrainInput:
   """Endless, sharded, shuffled training batches with a resumable position.
 
   Each process gets the records ``shard_index::shard_count`` of the source
   (its own disjoint slice), shuffled with ``seed`` and reshuffled every
-  epoch. ``get_state``/``set_state`` capture the exact position.
+  epoch. ``get_state``/``set_state`` capture the exact position *after the
+  last batch returned* (batches fetched ahead are not counted).
+
+  Batches are fetched by a background thread so that the trainer can wait
+  for one while still reacting to SIGTERM (``next_or_stop``); an error in
+  the pipeline is re-raised in the caller.
   """
 
   def __init__(self, source, tcfg: transforms.TransformConfig, *,
                batch_size: int, seed: int, shard_index: int = 0,
                shard_count: int = 1, num_threads: int = 2,
-               prefetch: int = 4):
+               prefetch: int = 4, max_consecutive_skips: int = 1000,
+               name: Optional[str] = None):
     if len(source) < shard_count:
       raise ValueError(f"{source}: {len(source)} records for {shard_count} "
                        "processes")
@@ -127,28 +169,71 @@ class TrainInput:
     def random_transform(ex, rng):
       return None if ex is None else transform(ex, rng)
 
+    shard_len = len(range(shard_index, len(source), shard_count))
+    limit = shard_len if max_consecutive_skips <= 0 else min(
+        shard_len, max_consecutive_skips)
     ds = grain.MapDataset.range(len(source))
     ds = ds.slice(slice(shard_index, None, shard_count))
     ds = ds.seed(seed).shuffle().repeat(None)
-    ds = ds.map(_SafeLoad(source, self.skips))
+    ds = ds.map(_SafeLoad(source, self.skips, max_consecutive=limit,
+                          name=name or str(source)))
     ds = ds.random_map(random_transform)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=max(prefetch, 1) *
         batch_size))
     it_ds = it_ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
     self._iter = iter(it_ds)
+    self._state = None      # position after the last returned batch
+    self._queue: Optional[queue.Queue] = None
+
+  def _fetch(self):
+    """Background thread: (batch, state after it) or the exception."""
+    while True:
+      try:
+        item = (next(self._iter), self._iter.get_state())
+      except BaseException as e:  # pylint: disable=broad-except
+        self._queue.put(e)
+        return
+      self._queue.put(item)
+
+  def next_or_stop(self, stop: Optional[threading.Event] = None,
+                   poll_seconds: float = 0.5):
+    """The next batch, or ``STOPPED`` as soon as ``stop`` is set."""
+    if self._queue is None:
+      if self._state is None:
+        self._state = self._iter.get_state()
+      self._queue = queue.Queue(maxsize=1)
+      threading.Thread(target=self._fetch, daemon=True,
+                       name="train-input").start()
+    while True:
+      try:
+        item = self._queue.get(timeout=poll_seconds)
+        break
+      except queue.Empty:
+        if stop is not None and stop.is_set():
+          return STOPPED
+    if isinstance(item, BaseException):
+      self._queue.put(item)  # every later call fails the same way
+      raise item
+    batch, self._state = item
+    return batch
 
   def __iter__(self) -> Iterator[features.Batch]:
     return self
 
   def __next__(self) -> features.Batch:
-    return next(self._iter)
+    return self.next_or_stop()
 
   def get_state(self) -> Dict[str, Any]:
-    return self._iter.get_state()
+    if self._state is None:
+      self._state = self._iter.get_state()
+    return self._state
 
   def set_state(self, state: Dict[str, Any]) -> None:
+    if self._queue is not None:
+      raise RuntimeError("TrainInput.set_state must precede the first batch")
     self._iter.set_state(state)
+    self._state = state
 
 
 def eval_batches(source, tcfg: transforms.TransformConfig, *,

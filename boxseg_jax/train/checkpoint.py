@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from boxseg_jax.convert import safe_pickle
+
 
 class Checkpointer:
   """Saves/restores (TrainState, input position) under ``workdir``."""
@@ -51,6 +53,10 @@ class Checkpointer:
 
   def _input_path(self, step: int) -> epath.Path:
     return self.input_dir / f"{int(step)}.p{self.process}.json"
+
+  def due(self, step: int) -> bool:
+    """Whether the save interval asks for a checkpoint at ``step``."""
+    return bool(self.manager.should_save(step))
 
   def save(self, step: int, state: Any, input_state: Dict[str, Any], *,
            force: bool = False) -> bool:
@@ -121,8 +127,8 @@ def load_params_for_init(path: str) -> Dict[str, Any]:
   ``.npz`` whose keys are ``/``-joined parameter paths (``convert/``).
   """
   if path.endswith(".npz"):
-    with np.load(path) as data:
-      flat = {tuple(k.split("/")): data[k] for k in data.files}
+    arrays = safe_pickle.load_npz(path, "config.init")
+    flat = {tuple(k.split("/")): v for k, v in arrays.items()}
     return traverse_util.unflatten_dict(flat)
   directory = epath.Path(path)
   if (directory / "checkpoints").is_dir():

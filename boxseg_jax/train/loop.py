@@ -122,6 +122,40 @@ def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
   return state, None, "scratch"
 
 
+def _save_unless_streak(ckpt, step, state, train_iter, force=False):
+  """Saves unless the latest updates were skipped as non-finite.
+
+  A checkpoint written during a non-finite streak would record a run that
+  is going wrong (and its data position past the bad batches); the newest
+  checkpoint stays the one before the streak.
+  """
+  streak = int(jax.device_get(state.skip_streak))
+  if streak:
+    logging.warning(
+        "Not saving step %d: the last %d update(s) were skipped as "
+        "non-finite (newest checkpoint: step %s).", step, streak,
+        ckpt.latest_step())
+    return False
+  return ckpt.save(step, state, train_iter.get_state(), force=force)
+
+
+def _nonfinite_message(streak, step, config, latest_ckpt, values) -> str:
+  causes = [name for key, name in (
+      ("nonfinite_loss", "the loss"), ("nonfinite_grads", "a gradient"),
+      ("nonfinite_update", "the updated parameters / optimizer state"))
+            if values.get(key, 0.0) > 0]
+  return (
+      f"{streak} consecutive updates were skipped as non-finite ("
+      f"{' / '.join(causes) or 'a value'}; limit "
+      f"train.max_nonfinite_streak={config.train.max_nonfinite_streak}). "
+      f"The parameters in memory are those after step {step - streak}, the "
+      f"last applied update; no checkpoint was written during the streak "
+      f"(newest checkpoint: "
+      f"{'none' if latest_ckpt is None else f'step {latest_ckpt}'}). "
+      f"Lower optim.base_lr or enable optim.clip_type, and resume from the "
+      f"checkpoint. Last metrics: {values}")
+
+
 def _metrics_collection(keys):
   return clu_metrics.Collection.create(
       **{k: clu_metrics.Average.from_output(k) for k in keys})
@@ -153,7 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       source, tcfg, batch_size=config.data.batch_size // num_proc,
       seed=config.seed, shard_index=proc, shard_count=num_proc,
       num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch_batches)
+      prefetch=config.data.prefetch_batches,
+      max_consecutive_skips=config.data.max_consecutive_skips,
+      name=f"data.train={config.data.train}")
 
   # 2. Model and optimizer. ---------------------------------------------
   model = models.build_model(config)
@@ -201,7 +237,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   t_start = time.time()
   try:
     while step < total:
-      batch = next(train_iter)
+      # Waiting for input still reacts to SIGTERM (a stalled or failing
+      # source must not make the run unkillable).
+      batch = train_iter.next_or_stop(sigterm.received)
+      if batch is pipeline.STOPPED:
+        _save_unless_streak(ckpt, step, state, train_iter, force=True)
+        ckpt.wait()
+        summary["preempted_at"] = step
+        logging.warning("Stopped at step %d after SIGTERM while waiting for "
+                        "input; checkpoint saved.", step)
+        return summary
       host_counts["instances_dropped"] += float(batch["num_dropped"].sum())
       host_counts["instances_truncated"] += float(
           batch["num_truncated"].sum())
@@ -225,20 +270,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         summary["history"].append((step, values))
         collection = None
         if streak > config.train.max_nonfinite_streak:
-          err = NonFiniteLossError(
-              f"{streak} consecutive updates had a non-finite loss or "
-              f"gradient (limit train.max_nonfinite_streak="
-              f"{config.train.max_nonfinite_streak}); parameters are those "
-              f"of the last finite update. Last metrics: {values}")
+          err = NonFiniteLossError(_nonfinite_message(
+              streak, step, config, ckpt.latest_step(), values))
           err.state = state
           raise err
 
-      ckpt.save(step, state, train_iter.get_state())
+      if ckpt.due(step):
+        _save_unless_streak(ckpt, step, state, train_iter)
       if (config.train.eval_every_steps and
           step % config.train.eval_every_steps == 0 and step < total):
         evaluator.run(state, step, writer)
       if sigterm.received.is_set() or ckpt.reached_preemption(step):
-        ckpt.save(step, state, train_iter.get_state(), force=True)
+        _save_unless_streak(ckpt, step, state, train_iter, force=True)
         ckpt.wait()
         summary["preempted_at"] = step
         logging.warning("Stopped at step %d after SIGTERM/preemption; "
@@ -249,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     summary["compilations"] = trace_count[0]
     logging.info("train_step compiled %d time(s) in this run",
                  trace_count[0])
-    ckpt.save(step, state, train_iter.get_state(), force=True)
+    _save_unless_streak(ckpt, step, state, train_iter, force=True)
     if config.train.eval_at_end:
       summary["eval"] = evaluator.run(state, step, writer)
     summary["train_seconds"] = time.time() - t_start

@@ -91,7 +91,13 @@ def make_train_step(model, tx: optax.GradientTransformation,
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(total) & _all_finite(grads)
+    # Guard every tensor the update writes, not only its inputs: a finite
+    # gradient times a huge learning rate can still overflow.
+    loss_ok = jnp.isfinite(total)
+    grads_ok = _all_finite(grads)
+    update_ok = (_all_finite(params) & _all_finite(opt_state) &
+                 _all_finite(batch_stats))
+    ok = loss_ok & grads_ok & update_ok
 
     def keep(new, old):
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -114,7 +120,10 @@ def make_train_step(model, tx: optax.GradientTransformation,
         loss=total.astype(jnp.float32),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
         grad_norm=optax.tree.norm(grads).astype(jnp.float32),
-        update_skipped=(~ok).astype(jnp.float32))
+        update_skipped=(~ok).astype(jnp.float32),
+        nonfinite_loss=(~loss_ok).astype(jnp.float32),
+        nonfinite_grads=(~grads_ok).astype(jnp.float32),
+        nonfinite_update=(~update_ok).astype(jnp.float32))
     return new_state, metrics
 
   return train_step

@@ -2,8 +2,11 @@
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from boxseg_jax.data import coco
@@ -107,3 +110,57 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
   assert 3 not in ids and set(ids) <= {1, 2, 4}
   assert it.skips.counts["bad_image"] >= 1
   assert "2.png" in it.skips.examples["bad_image"]
+
+
+def test_nothing_decodes_is_an_error_not_a_hang(tmp_path, write_lfs_pointer_coco):
+  root = str(tmp_path)
+  write_lfs_pointer_coco(root)
+  tcfg = transforms.TransformConfig(canvas=(32, 32), max_instances=2,
+                                    short_sizes=(16,), max_size=32)
+  # Default limit: one whole pass (5 records) at most.
+  it = pipeline.TrainInput(coco.CocoSource(root, "s"), tcfg, batch_size=2,
+                           seed=0, name="data.train=coco:X:s")
+  with pytest.raises(pipeline.InputError,
+                     match=r"data.train=coco:X:s: \d+ training records in a "
+                     r"row could not be loaded.*LFS"):
+    next(it)
+  with pytest.raises(pipeline.InputError):
+    next(it)  # stays failed, does not hang
+  # Bounded: about one pass (prefetching threads may overshoot a little).
+  assert it.skips.counts["bad_image"] <= 4 * 5
+
+
+def test_consecutive_skip_limit_is_configurable(tmp_path, write_lfs_pointer_coco):
+  root = str(tmp_path)
+  write_lfs_pointer_coco(root, num=40)
+  tcfg = transforms.TransformConfig(canvas=(32, 32), max_instances=2,
+                                    short_sizes=(16,), max_size=32)
+  it = pipeline.TrainInput(coco.CocoSource(root, "s"), tcfg, batch_size=2,
+                           seed=0, num_threads=1, max_consecutive_skips=3)
+  with pytest.raises(pipeline.InputError, match="3 training records"):
+    next(it)
+
+
+def test_next_or_stop_returns_when_stopped():
+  release = threading.Event()
+
+  class Stalled:
+
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, i):
+      release.wait(60)
+      return _source()[i]
+
+  it = pipeline.TrainInput(Stalled(), TCFG, batch_size=2, seed=0)
+  stop = threading.Event()
+  threading.Timer(0.5, stop.set).start()
+  t0 = time.time()
+  try:
+    assert it.next_or_stop(stop, poll_seconds=0.1) is pipeline.STOPPED
+    assert time.time() - t0 < 10
+    assert it.get_state() == pipeline.TrainInput(
+        Stalled(), TCFG, batch_size=2, seed=0).get_state()
+  finally:
+    release.set()

@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from boxseg_jax.data import pipeline
+from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -172,6 +175,79 @@ def test_nonfinite_updates_skipped_and_run_stops(tmp_path):
   assert int(state.skip_streak) == 3 and int(state.num_skipped) >= 3
   for leaf in jax.tree.leaves(jax.device_get(state.params)):
     assert np.all(np.isfinite(leaf))
+
+
+def test_overflowing_update_never_reaches_params_or_checkpoints(tmp_path):
+  # Three good steps, then a resume with an infinite learning rate: loss and
+  # gradients of step 3 are finite, its update is not.
+  loop.train_and_evaluate(tiny_config(**{
+      "train.num_steps": 3, "ckpt.every_steps": 1}), str(tmp_path))
+  config = tiny_config(**{"train.max_nonfinite_streak": 2,
+                          "train.num_steps": 12, "optim.base_lr": 1e39,
+                          "ckpt.every_steps": 1})
+  with pytest.raises(loop.NonFiniteLossError) as err:
+    loop.train_and_evaluate(config, str(tmp_path))
+  msg = str(err.value)
+  assert "updated parameters" in msg
+  assert "after step 3" in msg and "newest checkpoint: step 3" in msg
+  state = err.value.state
+  for leaf in jax.tree.leaves(jax.device_get((state.params,
+                                              state.opt_state))):
+    assert np.all(np.isfinite(leaf))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), every_steps=1, max_to_keep=10)
+  try:
+    assert list(ckpt.all_steps()) == [1, 2, 3]
+    restored, _, _ = ckpt.restore(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  finally:
+    ckpt.close()
+  for leaf in jax.tree.leaves(jax.device_get(restored.params)):
+    assert np.all(np.isfinite(leaf))
+  for x, y in zip(jax.tree.leaves(jax.device_get(restored.params)),
+                  jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_stops_a_run_whose_input_stalls(tmp_path, monkeypatch):
+  release = threading.Event()
+  real_make_source = pipeline.make_source
+
+  class Stalled:
+    """A source that blocks (a hung network filesystem); SIGTERMs us once."""
+
+    def __init__(self, inner):
+      self.inner = inner
+      self.signalled = False
+
+    def __len__(self):
+      return len(self.inner)
+
+    def __getitem__(self, i):
+      if not self.signalled:
+        self.signalled = True
+        os.kill(os.getpid(), signal.SIGTERM)
+      release.wait(120)
+      return self.inner[i]
+
+  monkeypatch.setattr(pipeline, "make_source", lambda *a, **k: Stalled(
+      real_make_source(*a, **k)))
+  t0 = time.time()
+  try:
+    summary = loop.train_and_evaluate(tiny_config(), str(tmp_path))
+  finally:
+    release.set()
+  assert summary["preempted_at"] == 0
+  assert time.time() - t0 < 100
+
+
+def test_undecodable_training_data_stops_with_a_clear_error(
+    tmp_path, write_lfs_pointer_coco):
+  root = str(tmp_path / "data")
+  write_lfs_pointer_coco(root, num=8)
+  config = tiny_config(**{"data.train": f"coco:{root}:s",
+                          "data.val": f"coco:{root}:s"})
+  with pytest.raises(pipeline.InputError, match=r"data\.train=coco:.*:s"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
 def test_partial_init_from_checkpoint(straight, tmp_path):
