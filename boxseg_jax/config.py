@@ -119,6 +119,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.thresh_with_ctr = True
   c.eval.num_images = -1              # -1: the whole val set
   c.eval.use_teacher = False
+  # BoxTeacher inference (reference §4.8): score = sqrt(c * mean mask prob).
+  c.eval.rescore = False
+  # Every evaluation also scores the same detections with each box filled
+  # as its mask, crisp (segm_boxfill) and on the stride-4 mask grid through
+  # the same paste-back (segm_boxfill_grid): what the masks must beat.
+  c.eval.boxfill_baselines = True
   c.eval.num_panels = 4
 
   c.ckpt = ml_collections.ConfigDict()

@@ -23,6 +23,12 @@ from pycocotools.cocoeval import COCOeval
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
+# Mask evaluations: metric name -> prediction key holding its RLE. The two
+# box-fill baselines score the same detections with each box filled as its
+# mask (postprocess.to_coco_predictions(boxfill=True)).
+SEGM_KEYS = {"segm": "segmentation",
+             "segm_boxfill": "segmentation_boxfill",
+             "segm_boxfill_grid": "segmentation_boxfill_grid"}
 
 
 def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
@@ -92,7 +98,9 @@ def evaluate(gt: COCO, predictions: Sequence[Dict[str, Any]], *,
   Args:
     gt: ground truth.
     predictions: COCO result dicts (see module doc); may be empty.
-    iou_types: subset of ("bbox", "segm").
+    iou_types: subset of ("bbox", "segm", "segm_boxfill",
+      "segm_boxfill_grid"); a mask type scores the RLEs under its
+      ``SEGM_KEYS`` key.
     image_ids: restrict to these images (default: every GT image).
 
   A metric that pycocotools cannot define (no GT of that size) is NaN.
@@ -101,19 +109,26 @@ def evaluate(gt: COCO, predictions: Sequence[Dict[str, Any]], *,
                    {int(i) for i in image_ids})
   wanted = set(img_ids)
   results = {}
+  variant_keys = set(SEGM_KEYS.values())
   for iou_type in iou_types:
-    if iou_type not in IOU_TYPES:
+    if iou_type not in IOU_TYPES and iou_type not in SEGM_KEYS:
       raise ValueError(f"unknown iou_type {iou_type!r}")
     preds = [p for p in predictions if p["image_id"] in wanted]
-    if iou_type == "segm":
-      preds = [p for p in preds if "segmentation" in p]
+    key = SEGM_KEYS.get(iou_type)
+    if key is not None:
+      preds = [p for p in preds if key in p]
     if not preds:
       results[iou_type] = {k: 0.0 for k in METRIC_NAMES}
       continue
-    preds = [dict(p) for p in preds]
+    clean = []
+    for p in preds:
+      q = {k: v for k, v in p.items() if k not in variant_keys}
+      if key is not None:
+        q["segmentation"] = p[key]
+      clean.append(q)
     with contextlib.redirect_stdout(io.StringIO()):
-      dt = gt.loadRes(preds)
-      ev = COCOeval(gt, dt, iouType=iou_type)
+      dt = gt.loadRes(clean)
+      ev = COCOeval(gt, dt, iouType="bbox" if key is None else "segm")
       ev.params.imgIds = img_ids
       ev.evaluate()
       ev.accumulate()
@@ -126,9 +141,10 @@ def evaluate(gt: COCO, predictions: Sequence[Dict[str, Any]], *,
 
 def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
   """Fixed-width table of ``evaluate`` output."""
-  lines = ["type  " + "".join(f"{k:>8}" for k in METRIC_NAMES)]
+  width = max([6] + [len(t) + 1 for t in metrics])
+  lines = [f"{'type':<{width}}" + "".join(f"{k:>8}" for k in METRIC_NAMES)]
   for iou_type, vals in metrics.items():
-    lines.append(f"{iou_type:<6}" + "".join(
+    lines.append(f"{iou_type:<{width}}" + "".join(
         f"{vals[k]:8.2f}" if not math.isnan(vals[k]) else f"{'-':>8}"
         for k in METRIC_NAMES))
   return "\n".join(lines)

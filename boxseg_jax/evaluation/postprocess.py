@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
+from pycocotools import mask as mask_utils
 
 from boxseg_jax.evaluation import coco_eval
 from boxseg_jax.ops import boxes as box_ops
@@ -228,6 +229,50 @@ def paste_masks(mask_probs: np.ndarray, *, resized_size: tuple[int, int],
       z.reshape(h_o, num, w_o).transpose(1, 0, 2)).astype(np.float32)
 
 
+def grid_box_masks(boxes: np.ndarray, grid_shape: tuple[int, int],
+                   stride: int = 4) -> np.ndarray:
+  """Boxes filled on the stride grid, `[D, 4] -> [D, h, w]` float32 (host).
+
+  The numpy twin of `losses.boxinst.box_masks_at_stride`: cell `(i, j)` is
+  on when its sample pixel `(s i + s/2, s j + s/2)` lies in the truncated
+  box (inclusive), the box masks the BoxInst losses train against.
+  """
+  h, w = grid_shape
+  start = stride // 2
+  ys = np.arange(h, dtype=np.float32) * stride + start
+  xs = np.arange(w, dtype=np.float32) * stride + start
+  b = np.trunc(np.asarray(boxes, np.float32))
+  rows = (ys >= b[:, 1:2]) & (ys <= b[:, 3:4])
+  cols = (xs >= b[:, 0:1]) & (xs <= b[:, 2:3])
+  return (rows[:, :, None] & cols[:, None, :]).astype(np.float32)
+
+
+def mask_aware_scores(scores: np.ndarray, probs: np.ndarray,
+                      threshold: float = 0.5) -> np.ndarray:
+  """BoxTeacher's rescored detection score `sqrt(c · m̄)` (reference §4.3).
+
+  Args:
+    scores: `[D]` FCOS scores `c = sqrt(σ(cls) σ(ctr))`.
+    probs: `[D, ...]` mask probabilities (any resolution).
+    threshold: `M = 1[P > threshold]`.
+
+  Returns:
+    `[D]` with `m̄ = Σ(P·M) / (ΣM + 1e-6)` (0 for an empty mask).
+  """
+  p = np.asarray(probs, np.float32).reshape(len(scores), -1)
+  m = p > threshold
+  mean_fg = (p * m).sum(-1) / (m.sum(-1) + 1e-6)
+  return np.sqrt(np.asarray(scores, np.float32) * mean_fg)
+
+
+def _box_rles(boxes_xywh: np.ndarray, h: int, w: int) -> list[dict]:
+  rles = mask_utils.frPyObjects(
+      np.asarray(boxes_xywh, np.float64).reshape(-1, 4), h, w)
+  for r in rles:
+    r['counts'] = r['counts'].decode('ascii')
+  return rles
+
+
 def to_coco_predictions(detections: dict,
                         *,
                         image_id: int,
@@ -235,7 +280,9 @@ def to_coco_predictions(detections: dict,
                         orig_size: tuple[int, int],
                         label_to_category_id: Sequence[int],
                         mask_threshold: float = 0.5,
-                        mask_stride: int = 4) -> list[dict]:
+                        mask_stride: int = 4,
+                        rescore: bool = False,
+                        boxfill: bool = False) -> list[dict]:
   """COCO result dicts of one image from `detect` output (host numpy).
 
   Args:
@@ -247,13 +294,21 @@ def to_coco_predictions(detections: dict,
     label_to_category_id: contiguous label -> COCO category id.
     mask_threshold: binarisation threshold (`> 0.5`).
     mask_stride: stride of `mask_probs`.
+    rescore: replace each score by BoxTeacher's mask-aware `sqrt(c · m̄)`
+      with `m̄` from the pasted mask at the original size (reference §4.8).
+    boxfill: also emit the two box-fill baselines (same detections, same
+      scores, each box filled as its mask): `segmentation_boxfill` filled
+      at the original resolution, and `segmentation_boxfill_grid` filled on
+      the stride grid and pasted back exactly like predicted masks.
 
   Returns:
     list of `{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score',
-    'segmentation' (RLE, counts as str; only with masks)}`, in score order.
+    'segmentation' (RLE, counts as str; only with masks)}` (+ the box-fill
+    keys), in detection order.
   """
   valid = np.asarray(detections['valid'], bool)
-  boxes = np.asarray(detections['boxes'], np.float32)[valid].copy()
+  canvas_boxes = np.asarray(detections['boxes'], np.float32)[valid]
+  boxes = canvas_boxes.copy()
   scores = np.asarray(detections['scores'], np.float32)[valid]
   labels = np.asarray(detections['labels'], np.int64)[valid]
   (h_r, w_r), (h_o, w_o) = resized_size, orig_size
@@ -263,13 +318,24 @@ def to_coco_predictions(detections: dict,
   boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h_o)
   nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   boxes, scores, labels = boxes[nonempty], scores[nonempty], labels[nonempty]
-  rles = None
+  canvas_boxes = canvas_boxes[nonempty]
+  extra: dict[str, list] = {}
   if 'mask_probs' in detections and len(boxes):
     probs = np.asarray(detections['mask_probs'])[valid][nonempty]
-    masks = paste_masks(probs, resized_size=(h_r, w_r),
-                        orig_size=(h_o, w_o),
-                        mask_stride=mask_stride) > mask_threshold
-    rles = [coco_eval.encode_mask(m) for m in masks]
+    pasted = paste_masks(probs, resized_size=(h_r, w_r),
+                         orig_size=(h_o, w_o), mask_stride=mask_stride)
+    if rescore:
+      scores = mask_aware_scores(scores, pasted, mask_threshold)
+    extra['segmentation'] = [coco_eval.encode_mask(m)
+                             for m in pasted > mask_threshold]
+    if boxfill:
+      xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+      extra['segmentation_boxfill'] = _box_rles(xywh, int(h_o), int(w_o))
+      grid = grid_box_masks(canvas_boxes, probs.shape[-2:], mask_stride)
+      grid_pasted = paste_masks(grid, resized_size=(h_r, w_r),
+                                orig_size=(h_o, w_o), mask_stride=mask_stride)
+      extra['segmentation_boxfill_grid'] = [
+          coco_eval.encode_mask(m) for m in grid_pasted > mask_threshold]
   results = []
   for i in range(len(boxes)):
     x0, y0, x1, y1 = (float(v) for v in boxes[i])
@@ -279,7 +345,7 @@ def to_coco_predictions(detections: dict,
         'bbox': [x0, y0, x1 - x0, y1 - y0],
         'score': float(scores[i]),
     }
-    if rles is not None:
-      res['segmentation'] = rles[i]
+    for key, values in extra.items():
+      res[key] = values[i]
     results.append(res)
   return results

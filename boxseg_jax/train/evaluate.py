@@ -87,6 +87,14 @@ class Evaluator:
       self._gt = coco_eval.gt_from_source(src)
     return self._gt
 
+  @property
+  def iou_types(self):
+    """bbox, segm and (``eval.boxfill_baselines``) the two box-fill APs."""
+    types = coco_eval.IOU_TYPES
+    if self.config.eval.boxfill_baselines:
+      types += ("segm_boxfill", "segm_boxfill_grid")
+    return types
+
   def predict(self, params, batch_stats, *, panel_count: int = 0):
     """COCO results of this process' images (+ panels of the first batch)."""
     _, data_sharding = step_lib.shardings(self.mesh)
@@ -112,7 +120,9 @@ class Evaluator:
             one, image_id=int(batch["image_id"][i]),
             resized_size=tuple(batch["resized_size"][i]),
             orig_size=tuple(batch["orig_size"][i]),
-            label_to_category_id=self.source.category_ids)
+            label_to_category_id=self.source.category_ids,
+            rescore=self.config.eval.rescore,
+            boxfill=self.config.eval.boxfill_baselines)
         if len(images) < panel_count:
           images.append(self._panel(batch, i, one))
     return results, images
@@ -151,6 +161,7 @@ class Evaluator:
     metrics: Dict[str, Any] = {}
     if jax.process_index() == 0:
       metrics = coco_eval.evaluate(self.gt, results,
+                                   iou_types=self.iou_types,
                                    image_ids=self.image_ids)
       path = coco_eval.write_eval(self.workdir, step, metrics,
                                   {"num_predictions": len(results)})

@@ -86,3 +86,29 @@ def test_wrong_score_order_lowers_ap():
     preds.append({"image_id": img_id, "category_id": 1, "bbox": [0, 0, 5, 5],
                   "score": 2.0, "segmentation": coco_eval.encode_mask(m)})
   assert coco_eval.evaluate(gt, preds)["segm"]["AP"] < 100.0
+
+
+def test_boxfill_variants_scored_from_their_own_keys():
+  # GT: one rectangle mask per image; predictions carry a wrong mask under
+  # "segmentation" and the exact rectangle under the box-fill keys.
+  m = np.zeros((20, 30), np.uint8)
+  m[4:12, 5:20] = 1
+  gt = coco_eval.coco_from_dict({
+      "images": [{"id": 1, "height": 20, "width": 30}],
+      "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                       "bbox": [5, 4, 15, 8], "area": 120.0, "iscrowd": 0,
+                       "segmentation": coco_eval.encode_mask(m)}],
+      "categories": [{"id": 1, "name": "a"}]})
+  wrong = np.zeros_like(m)
+  wrong[0:3, 0:3] = 1
+  pred = {"image_id": 1, "category_id": 1, "bbox": [5, 4, 15, 8],
+          "score": 0.9, "segmentation": coco_eval.encode_mask(wrong),
+          "segmentation_boxfill": coco_eval.encode_mask(m),
+          "segmentation_boxfill_grid": coco_eval.encode_mask(m)}
+  r = coco_eval.evaluate(gt, [pred], iou_types=(
+      "bbox", "segm", "segm_boxfill", "segm_boxfill_grid"))
+  assert r["segm"]["AP"] == 0.0
+  assert r["segm_boxfill"]["AP"] == pytest.approx(100.0)
+  assert r["segm_boxfill_grid"]["AP"] == pytest.approx(100.0)
+  assert r["bbox"]["AP"] == pytest.approx(100.0)
+  assert "segm_boxfill_grid" in coco_eval.format_table(r)

@@ -194,3 +194,45 @@ def test_to_coco_clips_and_drops_empty_boxes():
   assert len(res) == 1
   np.testing.assert_allclose(res[0]['bbox'], [0, 2, 30, 62])
   assert 'segmentation' not in res[0]
+
+
+def test_boxfill_baselines_hand_case():
+  # One detection, canvas box (12, 16, 36, 32) on a 48x64 resized image of a
+  # 96x128 original; its mask probabilities are exactly the grid box fill.
+  boxes = np.array([[12., 16., 36., 32.]], np.float32)
+  grid = postprocess.grid_box_masks(boxes, (12, 16), 4)
+  # Sample pixels 4j+2 in [12, 36] -> j = 3..8; 4i+2 in [16, 32] -> i = 4..7.
+  want = np.zeros((12, 16), np.float32)
+  want[4:8, 3:9] = 1.0
+  np.testing.assert_array_equal(grid[0], want)
+  det = {'boxes': boxes, 'scores': np.array([0.9], np.float32),
+         'labels': np.array([0]), 'valid': np.array([True]),
+         'mask_probs': grid}
+  r = postprocess.to_coco_predictions(
+      det, image_id=1, resized_size=(48, 64), orig_size=(96, 128),
+      label_to_category_id=[5], boxfill=True)[0]
+  dec = lambda rle: mask_utils.decode(dict(rle, counts=rle['counts'].encode()))
+  crisp = dec(r['segmentation_boxfill'])
+  # Original box (24, 32, 72, 64): exactly 48 x 32 pixels.
+  assert crisp.sum() == 48 * 32
+  assert crisp[32:64, 24:72].all()
+  # The grid fill goes through the same paste-back as predicted masks, so a
+  # head predicting exactly the box grid equals the grid baseline.
+  assert r['segmentation_boxfill_grid'] == r['segmentation']
+  assert r['score'] == pytest.approx(0.9)
+
+
+def test_mask_aware_rescoring():
+  probs = np.full((2, 8, 8), 0.2, np.float32)
+  probs[0, 2:6, 2:6] = 0.8      # m̄ = 0.8
+  scores = np.array([0.5, 0.4], np.float32)  # second mask empty: m̄ = 0
+  got = postprocess.mask_aware_scores(scores, probs)
+  np.testing.assert_allclose(got, [math.sqrt(0.5 * 0.8), 0.0], rtol=1e-5)
+  det = {'boxes': np.array([[0., 0., 32., 32.]], np.float32),
+         'scores': np.array([0.5], np.float32), 'labels': np.array([0]),
+         'valid': np.array([True]), 'mask_probs': probs[:1]}
+  r = postprocess.to_coco_predictions(
+      det, image_id=1, resized_size=(32, 32), orig_size=(32, 32),
+      label_to_category_id=[1], rescore=True)[0]
+  # Pasted at the original size the fg mean stays close to 0.8.
+  assert r['score'] == pytest.approx(math.sqrt(0.5 * 0.8), abs=0.02)
