@@ -202,28 +202,51 @@ def pairwise_loss_map(logits: jnp.ndarray, size: int = 3,
                     for dy, dx in neighbor_offsets(size, dilation)], axis=-3)
 
 
-def _weighted_pairwise_sums_impl(logits, edge_weights, center_w, offsets):
+def soft_mask_edge_weight(soft, validity, dy, dx, thresh):
+  """BoxTeacher's pseudo-mask affinity edge weight for one neighbour.
+
+  `A = m_i m_j + (1 - m_i)(1 - m_j)` of the smoothed masks `soft`, times the
+  neighbour's validity; `1[A >= thresh]` (or `A` itself for `thresh < 0`).
+  """
+  soft_n = shift2d(soft, dy, dx)
+  aff = soft * soft_n + (1.0 - soft) * (1.0 - soft_n)
+  aff = aff * shift2d(validity, dy, dx)
+  return aff if thresh < 0 else (aff >= thresh).astype(jnp.float32)
+
+
+def _edge_weight(edge_a, edge_b, e, dy, dx, rule):
+  """Edge weights of neighbour `e`: stacked (`rule=None`) or affinity."""
+  if rule is None:
+    return edge_a[..., e, :, :]
+  return soft_mask_edge_weight(edge_a, edge_b, dy, dx, rule)
+
+
+def _weighted_pairwise_sums_impl(logits, edge_a, edge_b, center_w, offsets,
+                                 rule):
   log_fg = jax.nn.log_sigmoid(logits)
   log_bg = jax.nn.log_sigmoid(-logits)
   total = jnp.zeros(logits.shape[:-2], jnp.float32)
   for e, (dy, dx) in enumerate(offsets):
-    w = edge_weights[..., e, :, :] * center_w
+    w = _edge_weight(edge_a, edge_b, e, dy, dx, rule) * center_w
     total = total + jnp.sum(_neg_log_same(log_fg, log_bg, dy, dx) * w,
                             axis=(-2, -1))
   return total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _weighted_pairwise_sums(logits, edge_weights, center_w, offsets):
-  return _weighted_pairwise_sums_impl(logits, edge_weights, center_w, offsets)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_pairwise_sums(logits, edge_a, edge_b, center_w, offsets, rule):
+  return _weighted_pairwise_sums_impl(logits, edge_a, edge_b, center_w,
+                                      offsets, rule)
 
 
-def _weighted_pairwise_sums_fwd(logits, edge_weights, center_w, offsets):
-  out = _weighted_pairwise_sums_impl(logits, edge_weights, center_w, offsets)
-  return out, (logits, edge_weights, center_w)
+def _weighted_pairwise_sums_fwd(logits, edge_a, edge_b, center_w, offsets,
+                                rule):
+  out = _weighted_pairwise_sums_impl(logits, edge_a, edge_b, center_w,
+                                     offsets, rule)
+  return out, (logits, edge_a, edge_b, center_w)
 
 
-def _weighted_pairwise_sums_bwd(offsets, res, ct):
+def _weighted_pairwise_sums_bwd(offsets, rule, res, ct):
   # Hand-written VJP: autodiff through logaddexp/log_sigmoid costs several
   # transcendentals per edge (3.7x slower fwd+bwd at 16 x 200 x 336 on
   # CPU); this form needs none per edge. With p = σ(z), q = σ(-z) (both
@@ -235,22 +258,22 @@ def _weighted_pairwise_sums_bwd(offsets, res, ct):
   # only matters for edges whose loss exceeds 69.
   # Out-of-grid neighbours read p = q = 1 (zero log-probabilities, as in the
   # forward), so q_j - p_j = 0 and they get no gradient.
-  logits, edge_weights, center_w = res
+  logits, edge_a, edge_b, center_w = res
   p = jax.nn.sigmoid(logits)
   q = jax.nn.sigmoid(-logits)
   var = p * q
   q_m_p = q - p
   grad = jnp.zeros_like(logits)
   for e, (dy, dx) in enumerate(offsets):
-    w = edge_weights[..., e, :, :] * center_w
+    w = _edge_weight(edge_a, edge_b, e, dy, dx, rule) * center_w
     p_n = shift2d(p, dy, dx, fill=1.0)
     q_n = shift2d(q, dy, dx, fill=1.0)
     w_inv = w / jnp.maximum(p * p_n + q * q_n, 1e-30)
     g_i = var * shift2d(q_m_p, dy, dx) * w_inv
     g_j = shift2d(var, dy, dx) * q_m_p * w_inv
     grad = grad + g_i + shift2d(g_j, -dy, -dx)
-  return (grad * ct[..., None, None], jnp.zeros_like(edge_weights),
-          jnp.zeros_like(center_w))
+  return (grad * ct[..., None, None], jnp.zeros_like(edge_a),
+          jnp.zeros_like(edge_b), jnp.zeros_like(center_w))
 
 
 _weighted_pairwise_sums.defvjp(_weighted_pairwise_sums_fwd,
@@ -265,17 +288,17 @@ def weighted_pairwise_sums(logits: jnp.ndarray,
                            dilation: int = 2) -> jnp.ndarray:
   """Per-instance `Σ_{e,i} -log P_e(i) · edge_weights[e](i) · center(i)`.
 
-  The building block of the BoxInst pairwise term and of BoxTeacher's
-  affinity loss: `-log P(same)` of `pairwise_loss_map`, weighted and summed
-  over neighbours and pixels without stacking the `[..., E, h, w]` map, with
-  a hand-written gradient w.r.t. `logits` (weights are treated as
-  constants: they get zero gradient).
+  The building block of the BoxInst pairwise term: `-log P(same)` of
+  `pairwise_loss_map`, weighted and summed over neighbours and pixels
+  without stacking the `[..., E, h, w]` map, with a hand-written gradient
+  w.r.t. `logits` (weights are treated as constants: they get zero
+  gradient).
 
   Args:
     logits: `[..., h, w]` mask logits.
     edge_weights: broadcastable to `[..., E, h, w]` (e.g. `1[S >= τ]` of
-      the image `[B, 1, E, h, w]`, or a per-instance affinity mask); must
-      not broadcast `logits` to a larger leading shape.
+      the image `[B, 1, E, h, w]`); must not broadcast `logits` to a larger
+      leading shape.
     center_weights: broadcastable to `[..., h, w]` (e.g. box masks), same
       restriction.
     size: kernel size.
@@ -287,8 +310,50 @@ def weighted_pairwise_sums(logits: jnp.ndarray,
   return _weighted_pairwise_sums(
       logits.astype(jnp.float32),
       jax.lax.stop_gradient(edge_weights.astype(jnp.float32)),
+      jnp.zeros((), jnp.float32),
       jax.lax.stop_gradient(center_weights.astype(jnp.float32)),
-      neighbor_offsets(size, dilation))
+      neighbor_offsets(size, dilation), None)
+
+
+def affinity_pairwise_sums(logits: jnp.ndarray,
+                           soft_masks: jnp.ndarray,
+                           validity: jnp.ndarray,
+                           center_weights: jnp.ndarray,
+                           *,
+                           thresh: float = 0.5,
+                           size: int = 3,
+                           dilation: int = 2) -> tuple[jnp.ndarray,
+                                                       jnp.ndarray]:
+  """`weighted_pairwise_sums` with BoxTeacher's pseudo-mask affinity edges.
+
+  The edge weight of neighbour `e` is `soft_mask_edge_weight` of the
+  smoothed pseudo masks, computed one neighbour at a time (the
+  `[..., E, h, w]` affinity tensor is never stacked).
+
+  Args:
+    logits: `[..., h, w]` mask logits.
+    soft_masks: `[..., h, w]` smoothed pseudo masks (`smooth_masks`).
+    validity: `[h, w]`-broadcastable neighbour validity.
+    center_weights: `[..., h, w]` (box masks).
+    thresh: `MASK_AFFINITY_THRESH` (0.5; < 0 uses the soft affinity).
+    size: kernel size.
+    dilation: kernel dilation.
+
+  Returns:
+    `(sums [...], weight_sums [...])`: the weighted loss and `Σ W` per
+    instance.
+  """
+  offsets = neighbor_offsets(size, dilation)
+  soft = jax.lax.stop_gradient(soft_masks.astype(jnp.float32))
+  validity = jax.lax.stop_gradient(validity.astype(jnp.float32))
+  center = jax.lax.stop_gradient(center_weights.astype(jnp.float32))
+  sums = _weighted_pairwise_sums(logits.astype(jnp.float32), soft, validity,
+                                 center, offsets, float(thresh))
+  weight_sums = jnp.zeros(sums.shape, jnp.float32)
+  for dy, dx in offsets:
+    w = soft_mask_edge_weight(soft, validity, dy, dx, float(thresh)) * center
+    weight_sums = weight_sums + w.sum(axis=(-2, -1))
+  return sums, weight_sums
 
 
 def pairwise_loss(logits: jnp.ndarray,

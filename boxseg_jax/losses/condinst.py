@@ -1,9 +1,14 @@
-"""CondInst training losses: FCOS + instance selection + mask losses.
+"""CondInst training losses: FCOS + instance selection + mask terms.
 
 Instance layout: every image gets a fixed budget of `num_slots` mask-head
 slots (default `topk_proposals_per_im` = 64) filled from its FCOS positives,
 with a validity mask for empty slots; the dynamic head runs vmapped per
 image on `[B, K, ...]` (see `ops.dynamic_mask_head`).
+
+Mask losses are *terms* (`losses.mask_terms`): the base modes use BoxInst's
+projection + pairwise terms or dice against GT masks; a method passes its
+own list (`mask_terms=(...)`) and puts its extra inputs (pseudo masks,
+flags) in the batch.
 
 Normalisation over the global batch (one jitted program): FCOS losses as in
 `losses.fcos`; projection, dice and pairwise terms are averaged over all
@@ -12,13 +17,13 @@ device, then DDP averages the device means; see docs/losses.md).
 """
 
 from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from boxseg_jax import targets as targets_lib
-from boxseg_jax.losses import boxinst
-from boxseg_jax.losses.dice import dice_loss
+from boxseg_jax.losses import mask_terms as terms_lib
 from boxseg_jax.losses.fcos import fcos_losses
 from boxseg_jax.ops.dynamic_mask_head import dynamic_mask_logits_batched
 from boxseg_jax.ops.dynamic_mask_head import mask_head_soi
@@ -112,22 +117,44 @@ def select_random(positive: jnp.ndarray, rng: jax.Array, *,
   return idx.astype(jnp.int32), positive[idx]
 
 
-def _rows_removed(batch: dict, bottom_pixels_removed: int) -> jnp.ndarray:
-  """Per-image bottom rows to drop from the pairwise validity mask."""
-  num = batch['image_valid'].shape[0]
-  if 'rows_removed' in batch:
-    return jnp.asarray(batch['rows_removed'], jnp.int32)
-  if 'scale' in batch:
-    # int(10 * h_resized / h_original); scale = (sy, sx) = resized / original.
-    sy = jnp.asarray(batch['scale'], jnp.float32)[:, 0]
-    return jnp.floor(bottom_pixels_removed * sy).astype(jnp.int32)
-  return jnp.full((num,), int(bottom_pixels_removed), jnp.int32)
+def default_mask_terms(mode: str, *, pairwise_color_thresh: float = 0.3,
+                       pairwise_warmup_iters: int = 10000
+                       ) -> tuple[terms_lib.MaskTerm, ...]:
+  """The terms of the two base modes: `'boxinst'` and `'mask'`."""
+  if mode == 'boxinst':
+    return (terms_lib.projection_term,
+            functools.partial(terms_lib.pairwise_term,
+                              color_thresh=pairwise_color_thresh,
+                              warmup_iters=pairwise_warmup_iters))
+  if mode == 'mask':
+    return (terms_lib.gt_mask_term,)
+  raise ValueError(f'mode must be "boxinst" or "mask", got {mode!r}')
 
 
-def _take(x: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
-  """`x [B, M, ...]`, `idx [B, S]` -> `[B, S, ...]`."""
-  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, idx, axis=1)
+def select_instances(outputs: dict, targets: dict, example_valid, *,
+                     num_gt: int, topk_proposals_per_im: int,
+                     num_slots: int, proposal_selection: str,
+                     rng: jax.Array | None):
+  """Mask-head slots of every image: `(loc_idx, slot_valid, num_kept)`."""
+  positive = targets['positive'] & example_valid[:, None]
+  bsz = positive.shape[0]
+  if proposal_selection == 'topk_per_gt':
+    scores = proposal_scores(outputs['cls_logits'], outputs['ctrness'])
+    keep = jax.vmap(
+        lambda p, g, s: topk_per_gt_keep(
+            p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im))(
+                positive, targets['gt_index'], scores)
+    loc_idx, slot_valid = jax.vmap(
+        lambda k, s: fill_slots(k, s, num_slots))(keep, scores)
+    return loc_idx, slot_valid, keep.sum(-1)
+  if proposal_selection == 'random':
+    if rng is None:
+      raise ValueError('proposal_selection="random" needs rng')
+    loc_idx, slot_valid = jax.vmap(
+        lambda p, k: select_random(p, k, num_slots=num_slots))(
+            positive, jax.random.split(rng, bsz))
+    return loc_idx, slot_valid, positive.sum(-1)
+  raise ValueError(f'unknown proposal_selection {proposal_selection!r}')
 
 
 def condinst_losses(outputs: dict,
@@ -135,6 +162,7 @@ def condinst_losses(outputs: dict,
                     batch: dict,
                     *,
                     mode: str = 'boxinst',
+                    mask_terms: Sequence[terms_lib.MaskTerm] | None = None,
                     step: jnp.ndarray | int = 0,
                     topk_proposals_per_im: int = 64,
                     num_slots: int | None = None,
@@ -154,7 +182,7 @@ def condinst_losses(outputs: dict,
                     pairwise_warmup_iters: int = 10000,
                     cls_location_weight: jnp.ndarray | None = None
                     ) -> tuple[jnp.ndarray, dict]:
-  """CondInst / BoxInst loss of the global batch.
+  """CondInst loss of the global batch: FCOS + mask terms.
 
   Args:
     outputs: network outputs, `cls_logits [B, L, C]`, `reg [B, L, 4]`,
@@ -164,14 +192,16 @@ def condinst_losses(outputs: dict,
     batch: the batch contract (design.md): `image_valid [B, H, W]`,
       `boxes [B, N, 4]`, `labels [B, N]`, `instance_valid [B, N]`,
       `example_valid [B]` (optional); `image_teacher [B, H, W, 3]` raw RGB
-      0..255 for `mode='boxinst'`; `masks` (`[B, N, H/4, W/4]` already
-      point-sampled, or `[B, N, H, W]` full resolution) for `mode='mask'`.
+      0..255 for the pairwise term; `masks` (`[B, N, H/4, W/4]` already
+      point-sampled, or `[B, N, H, W]` full resolution) for `gt_mask_term`;
+      method inputs (e.g. `pseudo_masks`, `pseudo_flags`) for their terms.
       Optional `rows_removed [B]` int (bottom rows dropped from the pairwise
       validity, `boxinst.bottom_rows_removed`), else derived from `scale
       [B, 2]` (sy, sx) when present, else `bottom_pixels_removed`.
     mode: `'boxinst'` (projection + colour pairwise) or `'mask'` (dice
-      against GT masks, fully supervised CondInst).
-    step: optimizer steps already taken (pairwise warm-up uses `step + 1`).
+      against GT masks); ignored when `mask_terms` is given.
+    mask_terms: the mask terms to add (see module docstring).
+    step: optimizer steps already taken (warm-ups use `step + 1`).
     topk_proposals_per_im: the reference's `TOPK_PROPOSALS_PER_IM` (64).
     num_slots: mask-head slots per image (default `topk_proposals_per_im`).
     proposal_selection: `'topk_per_gt'` (reference §2.4) or `'random'`
@@ -187,21 +217,23 @@ def condinst_losses(outputs: dict,
     bottom_pixels_removed: BoxInst `BOTTOM_PIXELS_REMOVED` (10).
     pairwise_size: pairwise kernel size (3).
     pairwise_dilation: pairwise dilation (2).
-    pairwise_color_thresh: τ (0.3).
-    pairwise_warmup_iters: warm-up length (10000).
+    pairwise_color_thresh: τ (0.3) of the `'boxinst'` mode.
+    pairwise_warmup_iters: warm-up length (10000) of the `'boxinst'` mode.
     cls_location_weight: optional `[B, L]` focal-loss weight (DropLoss).
 
   Returns:
-    `(total, aux)`: scalar f32 total loss and a dict of f32 scalars:
-    `loss_fcos_cls`, `loss_fcos_loc`, `loss_fcos_ctr`, `loss_prj` and
-    `loss_pairwise` (boxinst) or `loss_mask` (mask), `num_pos`,
-    `num_mask_instances`, `mask_slots_overflow` (instances the selection
-    kept that did not fit in `num_slots`; for `'random'`, positives not
-    drawn) and `pairwise_warmup` (boxinst).
+    `(total, aux)`: scalar f32 total loss (the sum of every `loss_*`) and a
+    dict of f32 scalars: `loss_fcos_cls`, `loss_fcos_loc`, `loss_fcos_ctr`,
+    the terms' losses and metrics, `num_pos`, `num_mask_instances`,
+    `mask_slots_overflow` (instances the selection kept that did not fit in
+    `num_slots`; for `'random'`, positives not drawn).
   """
+  if mask_terms is None:
+    mask_terms = default_mask_terms(
+        mode, pairwise_color_thresh=pairwise_color_thresh,
+        pairwise_warmup_iters=pairwise_warmup_iters)
   image_valid = batch['image_valid']
   bsz, height, width = image_valid.shape
-  num_gt = batch['boxes'].shape[1]
   num_classes = outputs['cls_logits'].shape[-1]
   example_valid = batch.get('example_valid')
   if example_valid is None:
@@ -226,79 +258,32 @@ def condinst_losses(outputs: dict,
                     cls_location_weight=cls_location_weight)
 
   # Instance selection (no gradient through the choice).
-  positive = targets['positive'] & example_valid[:, None]
   num_slots = topk_proposals_per_im if num_slots is None else num_slots
-  if proposal_selection == 'topk_per_gt':
-    scores = proposal_scores(outputs['cls_logits'], outputs['ctrness'])
-    keep = jax.vmap(
-        lambda p, g, s: topk_per_gt_keep(
-            p, g, s, num_gt=num_gt, topk_per_image=topk_proposals_per_im))(
-                positive, targets['gt_index'], scores)
-    loc_idx, slot_valid = jax.vmap(
-        lambda k, s: fill_slots(k, s, num_slots))(keep, scores)
-    num_kept = keep.sum(-1)
-  elif proposal_selection == 'random':
-    if rng is None:
-      raise ValueError('proposal_selection="random" needs rng')
-    loc_idx, slot_valid = jax.vmap(
-        lambda p, k: select_random(p, k, num_slots=num_slots))(
-            positive, jax.random.split(rng, bsz))
-    num_kept = positive.sum(-1)
-  else:
-    raise ValueError(f'unknown proposal_selection {proposal_selection!r}')
-
+  loc_idx, slot_valid, num_kept = select_instances(
+      outputs, targets, example_valid, num_gt=batch['boxes'].shape[1],
+      topk_proposals_per_im=topk_proposals_per_im, num_slots=num_slots,
+      proposal_selection=proposal_selection, rng=rng)
   slot_gt = jnp.maximum(
       jnp.take_along_axis(targets['gt_index'], loc_idx, axis=1), 0)
-  params = _take(outputs['controller'], loc_idx)
-  inst_loc = points[loc_idx]
-  inst_soi = mask_head_soi(levels[loc_idx], sizes_of_interest)
   logits = dynamic_mask_logits_batched(
-      outputs['mask_feats'], params, inst_loc, inst_soi,
+      outputs['mask_feats'],
+      terms_lib.take_slots(outputs['controller'], loc_idx),
+      points[loc_idx], mask_head_soi(levels[loc_idx], sizes_of_interest),
       mask_feat_stride=mask_feat_stride, mask_out_stride=mask_out_stride,
       channels=mask_head_channels, num_layers=mask_head_num_layers)
-  h, w = logits.shape[-2:]
-  slot_f = slot_valid.astype(jnp.float32)
-  num_inst = slot_f.sum()
-  mask_scores = jax.nn.sigmoid(logits)
+  inst = terms_lib.MaskInstances(
+      logits=logits, slot_valid=slot_valid, slot_gt=slot_gt, batch=batch,
+      step=step, mask_out_stride=mask_out_stride,
+      bottom_pixels_removed=bottom_pixels_removed,
+      pairwise_size=pairwise_size, pairwise_dilation=pairwise_dilation)
+  for term in mask_terms:
+    out = term(inst)
+    clash = set(out) & set(aux)
+    if clash:
+      raise ValueError(f'mask terms both define {sorted(clash)}')
+    aux.update(out)
 
-  if mode == 'boxinst':
-    slot_boxes = _take(batch['boxes'].astype(jnp.float32), slot_gt)
-    box_masks = boxinst.box_masks_at_stride(slot_boxes, (h, w),
-                                            mask_out_stride)
-    proj = boxinst.projection_loss(
-        mask_scores.reshape(-1, h, w), box_masks.reshape(-1, h, w)).reshape(
-            bsz, num_slots)
-    aux['loss_prj'] = (proj * slot_f).sum() / jnp.maximum(num_inst, 1.0)
-
-    validity = jax.vmap(
-        lambda v, r: boxinst.image_validity_at_stride(v, r, mask_out_stride))(
-            image_valid, _rows_removed(batch, bottom_pixels_removed))
-    image = batch['image_teacher'].astype(jnp.float32) * image_valid[
-        ..., None].astype(jnp.float32)
-    similarity = jax.vmap(
-        lambda im, v: boxinst.color_similarity(
-            im, v, stride=mask_out_stride, size=pairwise_size,
-            dilation=pairwise_dilation))(image, validity)
-    loss_pair, _ = boxinst.pairwise_loss(
-        logits, similarity[:, None], box_masks, slot_valid,
-        color_thresh=pairwise_color_thresh, size=pairwise_size,
-        dilation=pairwise_dilation)
-    warmup = boxinst.pairwise_warmup_factor(step, pairwise_warmup_iters)
-    aux['loss_pairwise'] = loss_pair * warmup
-    aux['pairwise_warmup'] = warmup
-  elif mode == 'mask':
-    masks = batch['masks']
-    if masks.shape[-2:] != (h, w):
-      start = mask_out_stride // 2
-      masks = masks[..., start::mask_out_stride, start::mask_out_stride]
-    slot_masks = _take(masks.astype(jnp.float32), slot_gt)
-    dice = dice_loss(mask_scores.reshape(-1, h, w),
-                     slot_masks.reshape(-1, h, w)).reshape(bsz, num_slots)
-    aux['loss_mask'] = (dice * slot_f).sum() / jnp.maximum(num_inst, 1.0)
-  else:
-    raise ValueError(f'mode must be "boxinst" or "mask", got {mode!r}')
-
-  aux['num_mask_instances'] = num_inst
+  aux['num_mask_instances'] = inst.num_instances
   # Selected instances that found no slot (0 whenever the slots suffice).
   aux['mask_slots_overflow'] = jnp.maximum(
       num_kept - slot_valid.sum(-1), 0).sum()

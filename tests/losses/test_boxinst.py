@@ -214,8 +214,8 @@ def test_pairwise_custom_gradient_matches_autodiff():
   center = box * valid[..., None, None]
   wsum = (edge * center[:, :, None]).sum()
   auto = jax.grad(lambda z: boxinst._weighted_pairwise_sums_impl(
-      z, jnp.asarray(edge), jnp.asarray(center),
-      boxinst.neighbor_offsets(3, 2)).sum() / max(wsum, 1.0))(
+      z, jnp.asarray(edge), None, jnp.asarray(center),
+      boxinst.neighbor_offsets(3, 2), None).sum() / max(wsum, 1.0))(
           jnp.asarray(logits))
   np.testing.assert_allclose(got, np.asarray(auto), rtol=1e-4, atol=1e-7)
   assert np.isfinite(got).all() and np.abs(got).sum() > 0

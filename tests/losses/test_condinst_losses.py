@@ -9,6 +9,7 @@ import pytest
 
 from boxseg_jax import targets as targets_lib
 from boxseg_jax.losses import condinst
+from boxseg_jax.losses import mask_terms
 from boxseg_jax.ops import dynamic_mask_head as dmh
 from boxseg_jax.ops.locations import fcos_locations
 
@@ -293,8 +294,41 @@ def test_no_instances_gives_zero_mask_losses():
 
 def test_rows_removed_sources():
   batch = {'image_valid': jnp.ones((2, 8, 8), bool)}
-  np.testing.assert_array_equal(condinst._rows_removed(batch, 10), [10, 10])
+  np.testing.assert_array_equal(mask_terms.rows_removed(batch, 10), [10, 10])
   scaled = dict(batch, scale=jnp.array([[1.6667, 1.6667], [0.5, 0.5]]))
-  np.testing.assert_array_equal(condinst._rows_removed(scaled, 10), [16, 5])
+  np.testing.assert_array_equal(mask_terms.rows_removed(scaled, 10), [16, 5])
   given = dict(scaled, rows_removed=jnp.array([3, 4]))
-  np.testing.assert_array_equal(condinst._rows_removed(given, 10), [3, 4])
+  np.testing.assert_array_equal(mask_terms.rows_removed(given, 10), [3, 4])
+
+
+def test_boxteacher_term_matches_manual():
+  outputs, batch = _random_problem(5, with_masks=True)
+  targets = _targets(batch)
+  pseudo = np.asarray(batch['masks'])[:, :, 2::4, 2::4].astype(np.float32)
+  flags = np.array([[0.9, 0.0, 0.6, 0.0], [0.7, 0.3, 0.0, 0.0]], np.float32)
+  bt = dict(batch, pseudo_masks=jnp.asarray(pseudo),
+            pseudo_flags=jnp.asarray(flags))
+  del bt['masks']  # the term must not read GT masks
+  term = functools.partial(mask_terms.boxteacher_term, warmup_iters=10)
+  terms = (mask_terms.projection_term, term)
+  _, aux = jax.jit(lambda o: condinst.condinst_losses(
+      o, targets, bt, mask_terms=terms, step=4, topk_proposals_per_im=8))(
+          outputs)
+  slots = _manual_slots(outputs, targets, 8)
+  probs = 1 / (1 + np.exp(-_manual_logits(outputs, slots)))
+  num, den = 0.0, 0
+  for (b, i), p in zip(slots, probs):
+    g = int(targets['gt_index'][b, i])
+    x0, y0, x1, y1 = np.asarray(batch['boxes'][b, g])
+    full = np.zeros((H, W))
+    full[int(y0):int(y1 + 1), int(x0):int(x1 + 1)] = 1
+    clipped = pseudo[b, g] * full[2::4, 2::4]
+    num += flags[b, g] * _dice_np(p, clipped > 0.5)
+    den += int(flags[b, g] > 0)
+  warm = 5 / 10  # (step + 1) / warmup_iters
+  assert den > 0 and float(aux['num_pseudo_masks']) == den
+  np.testing.assert_allclose(float(aux['loss_mask']),
+                             0.5 * warm * num / den, rtol=1e-4)
+  assert float(aux['mask_warmup']) == pytest.approx(warm)
+  assert float(aux['loss_mask_affinity']) > 0
+  assert 'loss_pairwise' not in aux and 'loss_prj' in aux
