@@ -3,8 +3,17 @@
 Every file in ``configs/`` starts from ``base_config()`` and overrides what
 differs, so each key has exactly one default, here. Configs are locked by
 absl's ``config_flags`` (``lock_config=True``): ``--config.data.canvas=...``
-overrides work, a mistyped key fails loudly.
+overrides work, a mistyped key fails loudly. ``validate(config)`` checks
+what the lock cannot: the length and element types of every tuple field (an
+override given twice, ``--config.data.canvas=96,96
+--config.data.canvas=96,96``, is concatenated by ml_collections into a
+4-tuple), called by the trainer and the tools before anything is built.
 """
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Optional, Tuple
 
 import ml_collections
 
@@ -168,3 +177,139 @@ def transform_config(config: ml_collections.ConfigDict, *,
       short_sizes=tuple(d.train_short_sizes), max_size=d.train_max_size,
       test_short_size=d.test_short_size, test_max_size=d.test_max_size,
       hflip_prob=d.hflip_prob, photometric=d.photometric, masks=masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TupleRule:
+  """What one tuple field of the config must hold."""
+  what: str                             # for the message, e.g. "2 ints (H, W)"
+  lengths: Optional[Tuple[int, ...]]    # allowed lengths; None: any
+  kind: type                            # int, float (any real number) or str
+  check: Optional[Callable[[tuple], bool]] = None  # extra rule on the values
+
+
+def _increasing(v):
+  return all(a < b for a, b in zip(v, v[1:]))
+
+
+def _distinct(v):
+  return len(set(v)) == len(v)
+
+
+# Every tuple field of ``base_config()`` (tests/test_config.py checks that
+# none is missing).
+TUPLE_FIELDS = {
+    "data.canvas": _TupleRule(
+        "2 ints (H, W), positive multiples of 32", (2,), int,
+        lambda v: all(x > 0 and x % 32 == 0 for x in v)),
+    "data.train_short_sizes": _TupleRule(
+        "1 or more distinct positive ints", None, int,
+        lambda v: len(v) >= 1 and all(x > 0 for x in v) and _distinct(v)),
+    "data.shapes.image_size": _TupleRule(
+        "2 positive ints (H, W)", (2,), int, lambda v: min(v) > 0),
+    "model.resnet_num_blocks": _TupleRule(
+        "() or 4 positive ints (blocks of res2..res5)", (0, 4), int,
+        lambda v: all(x > 0 for x in v)),
+    "model.pixel_mean": _TupleRule("3 numbers (one per channel)", (3,),
+                                   float),
+    "model.pixel_std": _TupleRule("3 positive numbers (one per channel)",
+                                  (3,), float, lambda v: min(v) > 0),
+    "loss.sizes_of_interest": _TupleRule(
+        "4 increasing positive numbers (bounds of the 5 FPN levels)", (4,),
+        float, lambda v: v[0] > 0 and _increasing(v)),
+    "optim.lr_boundaries": _TupleRule(
+        "increasing non-negative step ints", None, int,
+        lambda v: all(x >= 0 for x in v) and _increasing(v)),
+    "init_keys": _TupleRule(
+        "distinct parameter subtree names (two: "
+        "--config.init_keys=\"('backbone','fpn')\")", None,
+        str, lambda v: all(x.isidentifier() for x in v) and _distinct(v)),
+}
+
+
+def _kind_ok(x: Any, kind: type) -> bool:
+  if isinstance(x, bool):
+    return False
+  if kind is str:
+    return isinstance(x, str)
+  if kind is int:
+    return isinstance(x, int)
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Tuple[bool, Any]:
+  node = config
+  for key in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
+        key not in node):
+      return False, None
+    node = node[key]
+  return True, node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field when a tuple field is malformed.
+
+  Checks every field of ``TUPLE_FIELDS`` present in ``config``: a tuple
+  (or list) of the allowed length, elements of the right type and the
+  field's own rule (e.g. canvas sides multiples of 32, increasing
+  boundaries).
+  """
+  for path, rule in TUPLE_FIELDS.items():
+    present, value = _get(config, path)
+    if not present:
+      continue
+    ok = isinstance(value, (tuple, list))
+    if ok:
+      value = tuple(value)
+      ok = ((rule.lengths is None or len(value) in rule.lengths) and
+            all(_kind_ok(x, rule.kind) for x in value) and
+            (rule.check is None or rule.check(value)))
+    if not ok:
+      raise ValueError(f"config.{path}={value!r}: expected {rule.what}"
+                       f"{_repeat_hint(value, rule)}.{_example(path)}")
+
+
+def _repeat_hint(value: Any, rule: _TupleRule) -> str:
+  if not isinstance(value, tuple) or not value:
+    return ""
+  half = len(value) // 2
+  repeated = len(value) % 2 == 0 and value[:half] == value[half:]
+  too_long = rule.lengths is not None and len(value) > max(rule.lengths)
+  if repeated or too_long:
+    return (" (a tuple override given twice is concatenated by "
+            "ml_collections: pass it once)")
+  return ""
+
+
+def _example(path: str) -> str:
+  default = _get(base_config(), path)[1]
+  if not default:
+    return ""
+  return f" Example: --config.{path}=" + ",".join(str(x) for x in default)
+
+
+def check_num_classes(config: ml_collections.ConfigDict, source,
+                      field: str) -> None:
+  """Checks ``model.num_classes`` against a dataset's categories.
+
+  Fewer classes than categories is an error (labels >= num_classes would
+  train as background for classification while box and mask losses still
+  train on them); more is a warning (unused classifier outputs).
+
+  Args:
+    config: the experiment config.
+    source: a data source with ``category_ids``.
+    field: how the dataset was named, e.g. ``data.train=coco:ROOT:SPLIT``.
+  """
+  want = config.model.num_classes
+  have = len(source.category_ids)
+  if have > want:
+    raise ValueError(
+        f"model.num_classes={want} but {field} has {have} categories: "
+        f"labels >= {want} would silently train as background. Set "
+        f"--config.model.num_classes={have}.")
+  if have < want:
+    logging.warning("model.num_classes=%d but %s has only %d categories; "
+                    "the extra classifier outputs are never trained.",
+                    want, field, have)

@@ -49,3 +49,49 @@ def _write_lfs_pointer_coco(root, num=5):
 def write_lfs_pointer_coco():
   """``fn(root, num=5)``: writes a COCO folder (split ``s``) of LFS pointers."""
   return _write_lfs_pointer_coco
+
+
+def _write_tiny_coco(root, num=4, *, masks=True, corrupt_first=False,
+                     size=64):
+  """A COCO folder (split ``s``) of ``num`` PNGs with one rectangle each.
+
+  4 categories (as configs/tiny.py); ``masks=False`` writes a box-only
+  file (no ``segmentation``, no ``area``); ``corrupt_first`` makes the
+  first image (id 1) an undecodable file. Returns the dataset name.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  os.makedirs(os.path.join(root, "s"), exist_ok=True)
+  images, anns = [], []
+  for i in range(num):
+    name = f"{i}.png"
+    x0, y0 = 8 + 4 * i, 10 + 2 * i
+    x1, y1 = x0 + 24, y0 + 20
+    img = np.full((size, size, 3), 40, np.uint8)
+    img[y0:y1, x0:x1] = (200, 60 + 40 * (i % 4), 30)
+    path = os.path.join(root, "s", name)
+    if corrupt_first and i == 0:
+      with open(path, "wb") as f:
+        f.write(b"\x89PNG truncated")
+    else:
+      Image.fromarray(img).save(path)
+    images.append({"id": i + 1, "file_name": name, "height": size,
+                   "width": size})
+    ann = {"id": i + 1, "image_id": i + 1, "category_id": i % 4 + 1,
+           "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0}
+    if masks:
+      ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+      ann["area"] = float((x1 - x0) * (y1 - y0))
+    anns.append(ann)
+  cats = [{"id": k + 1, "name": f"c{k}"} for k in range(4)]
+  with open(os.path.join(root, "annotations", "instances_s.json"), "w") as f:
+    json.dump({"images": images, "annotations": anns, "categories": cats},
+              f)
+  return f"coco:{root}:s"
+
+
+@pytest.fixture
+def write_tiny_coco():
+  """``fn(root, num=4, masks=True, corrupt_first=False)``: a tiny COCO."""
+  return _write_tiny_coco

@@ -1,4 +1,5 @@
-"""Every config loads; overrides type-check; demo_masksup = demo + masks."""
+"""Every config loads and validates; overrides type-check; tuple fields are
+checked (length, types) naming the field; demo_masksup = demo + masks."""
 
 import glob
 import importlib.util
@@ -6,6 +7,8 @@ import os
 
 import ml_collections
 import pytest
+
+from boxseg_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,3 +45,66 @@ def test_locked_config_rejects_unknown_keys():
     c.data.batch_sise = 3
   with pytest.raises(TypeError):
     c.data.batch_size = "four"
+
+
+def _tuple_fields(node, prefix=""):
+  out = set()
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out |= _tuple_fields(value, f"{prefix}{key}.")
+    elif isinstance(value, tuple):
+      out.add(prefix + key)
+  return out
+
+
+def test_every_tuple_field_has_a_rule():
+  assert _tuple_fields(config_lib.base_config()) == set(
+      config_lib.TUPLE_FIELDS)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(
+    REPO, "configs", "*.py"))))
+def test_validate_accepts_every_config(path):
+  config_lib.validate(load(path))
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    # An override given twice: ml_collections concatenates the tuples.
+    ("data.canvas", (96, 96, 96, 96), "given twice"),
+    ("data.canvas", (96,), "2 ints"),
+    ("data.canvas", (100, 96), "multiples of 32"),
+    ("data.canvas", (96.5, 96), "2 ints"),
+    ("data.train_short_sizes", (64, 72, 64, 72), "given twice"),
+    ("data.shapes.image_size", (64, 64, 3), "2 positive ints"),
+    ("model.pixel_mean", (1.0, 2.0), "3 numbers"),
+    ("model.pixel_std", (1.0, 0.0, 1.0), "3 positive numbers"),
+    ("model.resnet_num_blocks", (1, 2, 3), "4 positive ints"),
+    ("loss.sizes_of_interest", (64, 128, 256, 512) * 2, "given twice"),
+    ("optim.lr_boundaries", ("",), "increasing"),
+    ("optim.lr_boundaries", (800, 600), "increasing"),
+    ("init_keys", ("backbone,fpn",), "subtree names"),
+])
+def test_validate_names_the_field_and_what_it_expects(field, value, expect):
+  c = load(os.path.join(REPO, "configs", "tiny.py"))
+  node = c
+  *parents, last = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=f"config.{field}=") as err:
+    config_lib.validate(c)
+  assert expect in str(err.value)
+
+
+class _Source:
+  category_ids = (1, 2, 3, 4, 5)
+
+
+def test_num_classes_smaller_than_the_dataset_is_an_error(caplog):
+  c = load(os.path.join(REPO, "configs", "tiny.py"))  # num_classes 4
+  with pytest.raises(ValueError, match=r"model\.num_classes=4 .*data\.train="
+                     r"coco:X:s has 5 categories"):
+    config_lib.check_num_classes(c, _Source(), "data.train=coco:X:s")
+  c.model.num_classes = 7
+  config_lib.check_num_classes(c, _Source(), "data.val=coco:X:s")
+  assert "only 5 categories" in caplog.text

@@ -13,10 +13,21 @@ Rules (detectron2's COCO loader, made explicit and counted):
   and counted (``missing_files``); images that fail to decode raise
   ``BadImageError`` naming the file (the pipeline skips and counts them).
 * Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB.
+
+Errors at construction, naming the file (and the id): duplicate image or
+annotation ids (the second image would train with the first one's boxes
+and evaluation would merge them), a malformed ``segmentation`` (anything
+pycocotools cannot turn into a mask of the image's size), a file without
+any usable instance, and, with ``require_masks`` (mask supervision), an
+instance without a segmentation. Annotations whose ``image_id`` is not in
+``images`` are ignored, counted (``unlisted_annotations``) and logged with
+their first ids. Box-only files (no ``segmentation``) are fine otherwise.
 """
 
+import collections
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -51,6 +62,56 @@ def load_image(path: str) -> np.ndarray:
     raise BadImageError(f"{path}: cannot decode image ({e})") from e
 
 
+def has_segmentation(segm: Any) -> bool:
+  """Whether an annotation's ``segmentation`` value describes a mask."""
+  return segm is not None and not (isinstance(segm, list) and not segm)
+
+
+def segmentation_problem(segm: Any, h: int, w: int) -> Optional[str]:
+  """Why ``segm`` is not a valid COCO mask of an ``h x w`` image, or None.
+
+  Valid: polygons (a list of lists of >= 6 finite numbers, x/y pairs), an
+  uncompressed RLE (``counts`` a list of non-negative ints summing to
+  ``h * w``) or a compressed RLE (``counts`` a str), both with ``size ==
+  [h, w]``. A missing value or ``[]`` means "no mask" (not a problem).
+  """
+  if not has_segmentation(segm):
+    return None
+  if isinstance(segm, list):
+    for poly in segm:
+      if not isinstance(poly, list):
+        return f"polygon is a {type(poly).__name__}, not a list of numbers"
+      if len(poly) < 6 or len(poly) % 2:
+        return (f"polygon with {len(poly)} numbers (needs >= 6 numbers, "
+                "x/y pairs)")
+      try:
+        total = sum(poly)  # C speed; any non-number raises
+      except TypeError:
+        return "polygon with non-numeric coordinates"
+      if not math.isfinite(total):
+        return "polygon with non-finite coordinates"
+    return None
+  if isinstance(segm, dict):
+    size, counts = segm.get("size"), segm.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+      return f"RLE without a [height, width] 'size' (got {size!r})"
+    if list(size) != [h, w]:
+      return f"RLE size {list(size)} differs from the image's [{h}, {w}]"
+    if isinstance(counts, list):
+      if not all(isinstance(v, int) and v >= 0 for v in counts):
+        return "RLE counts are not non-negative ints"
+      if sum(counts) != h * w:
+        return (f"RLE counts sum to {sum(counts)}, not height * width = "
+                f"{h * w}")
+      return None
+    if isinstance(counts, str):
+      if not counts or not all(48 <= ord(c) < 112 for c in counts):
+        return "compressed RLE counts are not a valid COCO RLE string"
+      return None
+    return f"RLE counts is a {type(counts).__name__}"
+  return f"a {type(segm).__name__} (expected polygons or an RLE dict)"
+
+
 def segmentation_to_mask(segm: Any, h: int, w: int) -> np.ndarray:
   """COCO polygon / RLE / uncompressed RLE -> uint8 [h, w]."""
   if isinstance(segm, list):
@@ -70,7 +131,8 @@ class CocoSource:
 
   def __init__(self, root: str, split: str, *, with_masks: bool = False,
                skip_empty: bool = False,
-               annotation_file: Optional[str] = None):
+               annotation_file: Optional[str] = None,
+               require_masks: bool = False):
     self.root = root
     self.split = split
     self.with_masks = with_masks
@@ -89,6 +151,8 @@ class CocoSource:
     for key in ("images", "annotations", "categories"):
       if key not in data:
         raise ValueError(f"{self.annotation_file}: missing field '{key}'")
+    self._check_unique_ids(data)
+    listed = {img.get("id") for img in data["images"]}
 
     cats = sorted(data["categories"], key=lambda c: c["id"])
     self.category_ids: Sequence[int] = tuple(int(c["id"]) for c in cats)
@@ -96,6 +160,7 @@ class CocoSource:
     cat_to_label = {c: i for i, c in enumerate(self.category_ids)}
 
     anns_by_image: Dict[int, List[dict]] = {}
+    unlisted: List[Any] = []
     for i, ann in enumerate(data["annotations"]):
       for key in ("image_id", "bbox", "category_id"):
         if key not in ann:
@@ -105,12 +170,17 @@ class CocoSource:
         raise ValueError(f"{self.annotation_file}: annotations[{i}] "
                          f"(id={ann.get('id')}) has unknown category_id "
                          f"{ann['category_id']}")
+      if ann["image_id"] not in listed:
+        unlisted.append(ann["image_id"])
+        continue
       anns_by_image.setdefault(int(ann["image_id"]), []).append(ann)
 
     self.records: List[Dict[str, Any]] = []
     self.missing_files: List[str] = []
     self.stats = {"images": 0, "instances": 0, "crowd": 0, "bad_boxes": 0,
-                  "missing_files": 0, "empty_images": 0}
+                  "missing_files": 0, "empty_images": 0,
+                  "unlisted_annotations": len(unlisted),
+                  "no_segmentation": 0}
     for img in sorted(data["images"], key=lambda r: r["id"]):
       for key in ("id", "file_name", "height", "width"):
         if key not in img:
@@ -133,17 +203,70 @@ class CocoSource:
     self.stats["bad_boxes"] = int(sum(r["num_bad_boxes"]
                                       for r in self.records))
     self.stats["missing_files"] = len(self.missing_files)
+    self.stats["no_segmentation"] = int(sum(r["num_no_segmentation"]
+                                            for r in self.records))
+    # The first few images with dropped boxes, for the load report.
+    self.bad_box_files = [r["file_name"] for r in self.records
+                          if r["num_bad_boxes"]][:5]
     if self.missing_files:
       logging.warning("%s: %d image files missing, skipped (first: %s)",
                       self.name, len(self.missing_files),
                       self.missing_files[0])
+    if unlisted:
+      logging.warning(
+          "%s: %d annotations point at image ids not in 'images' and are "
+          "ignored (first ids: %s)", self.annotation_file, len(unlisted),
+          unlisted[:5])
+    if not self.stats["instances"]:
+      raise ValueError(
+          f"{self.annotation_file}: no usable instance ("
+          f"{len(data['annotations'])} annotations: {self.stats['crowd']} "
+          f"crowd, {self.stats['bad_boxes']} bad boxes, {len(unlisted)} on "
+          f"image ids not in 'images'; {len(self.missing_files)} of "
+          f"{len(data['images'])} image files missing). Nothing to train "
+          "or evaluate on: check the file and the split.")
+    if require_masks and self.stats["no_segmentation"]:
+      first = next(r["first_no_segmentation"] for r in self.records
+                   if r["num_no_segmentation"])
+      raise ValueError(
+          f"{self.annotation_file}: mask supervision (data.with_masks / "
+          f"method='mask') needs a segmentation on every instance, but "
+          f"{self.stats['no_segmentation']} of {self.stats['instances']} "
+          f"have none (first: annotation id={first}). Use a box-supervised "
+          "method, or an annotation file with masks.")
+
+  def _check_unique_ids(self, data: Dict[str, Any]) -> None:
+    """ValueError naming the file and id when an id occurs twice."""
+    for field in ("images", "annotations"):
+      items = [x for x in data[field] if isinstance(x, dict)]
+      ids = collections.Counter(x["id"] for x in items
+                                if x.get("id") is not None)
+      dups = [i for i, n in ids.items() if n > 1]
+      if not dups:
+        continue
+      detail = ""
+      if field == "images":
+        names = [str(x.get("file_name")) for x in items
+                 if x.get("id") == dups[0]]
+        detail = f" ({', '.join(names)})"
+      raise ValueError(
+          f"{self.annotation_file}: {len(dups)} duplicate id(s) in "
+          f"'{field}': id={dups[0]} occurs {ids[dups[0]]} times{detail}. "
+          "Every id must be unique (fix the tool that wrote the file).")
 
   def _parse(self, img: dict, anns: List[dict],
              cat_to_label: Dict[int, int]) -> Dict[str, Any]:
     h, w = int(img["height"]), int(img["width"])
     boxes, labels, segms = [], [], []
-    num_crowd = num_bad = 0
+    num_crowd = num_bad = num_no_segm = 0
+    first_no_segm = None
     for ann in anns:
+      problem = segmentation_problem(ann.get("segmentation"), h, w)
+      if problem:
+        raise ValueError(
+            f"{self.annotation_file}: annotation id={ann.get('id')} (image "
+            f"{img['id']}, {img['file_name']}): malformed 'segmentation': "
+            f"{problem}")
       if ann.get("iscrowd", 0):
         num_crowd += 1
         continue
@@ -162,7 +285,12 @@ class CocoSource:
         continue
       boxes.append(box)
       labels.append(cat_to_label[ann["category_id"]])
-      segms.append(ann.get("segmentation"))
+      segm = ann.get("segmentation")
+      segms.append(segm if has_segmentation(segm) else None)
+      if not has_segmentation(segm):
+        num_no_segm += 1
+        if first_no_segm is None:
+          first_no_segm = ann.get("id")
     return {
         "image_id": int(img["id"]),
         "file_name": img["file_name"],
@@ -172,6 +300,8 @@ class CocoSource:
         "segmentations": segms,
         "num_crowd": num_crowd,
         "num_bad_boxes": num_bad,
+        "num_no_segmentation": num_no_segm,
+        "first_no_segmentation": first_no_segm,
     }
 
   def __len__(self) -> int:

@@ -29,7 +29,7 @@ from boxseg_jax.data import transforms
 
 def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
                 tfds_data_dir: Optional[str] = None, with_masks: bool = False,
-                role: str = "train"):
+                role: str = "train", require_masks: bool = False):
   """Builds the random-access source named by ``spec``.
 
   Args:
@@ -39,6 +39,9 @@ def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
     tfds_data_dir: TFDS data_dir for ``tfds:``.
     with_masks: decode GT masks (evaluation, mask-supervised training).
     role: "train" or "val"; the default split of a bare ``shapes``.
+    require_masks: every instance must have a GT mask (mask supervision);
+      a dataset without them is an error naming it (``shapes`` always has
+      masks).
   """
   kind, _, rest = spec.partition(":")
   if kind == "shapes":
@@ -58,16 +61,67 @@ def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
     root, sep, split = rest.rpartition(":")
     if not sep or not root or not split:
       raise ValueError(f"dataset {spec!r}: expected coco:ROOT:SPLIT")
-    return coco.CocoSource(root, split, with_masks=with_masks)
+    return coco.CocoSource(root, split, with_masks=with_masks,
+                           require_masks=require_masks)
   if kind == "tfds":
     name, sep, split = rest.rpartition(":")
     if not sep or not name:
       raise ValueError(f"dataset {spec!r}: expected tfds:NAME:SPLIT")
     from boxseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSource(name, split, data_dir=tfds_data_dir,
-                                  with_masks=with_masks)
+                                  with_masks=with_masks,
+                                  require_masks=require_masks)
   raise ValueError(f"unknown dataset {spec!r}: expected shapes, "
                    "coco:ROOT:SPLIT or tfds:NAME:SPLIT")
+
+
+def load_report(source, max_instances: int) -> Dict[str, Any]:
+  """What a source dropped or will truncate, counted once at load.
+
+  For sources that read an annotation file (``coco``): images, instances,
+  crowd regions (never instances), bad boxes dropped (with the first few
+  files), missing image files, images without instances, annotations on
+  unlisted images, and the images with more than ``max_instances``
+  instances (the transforms keep the first ``max_instances``). Generated
+  or streamed sources (``shapes``, ``tfds``) only report their length:
+  their counts appear per step (``instances_dropped``,
+  ``instances_truncated``, ``input_skipped``).
+  """
+  inner = getattr(source, "source", source)  # a Subset of a source
+  report: Dict[str, Any] = {"images": len(source)}
+  stats = getattr(inner, "stats", None)
+  if stats is None:
+    return report
+  report.update(stats)
+  report["images"] = len(source)
+  report["bad_box_files"] = list(getattr(inner, "bad_box_files", []))
+  records = getattr(inner, "records", [])[:len(source)]
+  over = [len(r["labels"]) - max_instances for r in records
+          if len(r["labels"]) > max_instances]
+  report["images_over_max_instances"] = len(over)
+  report["instances_over_max_instances"] = int(sum(over))
+  return report
+
+
+def format_load_report(name: str, report: Dict[str, Any],
+                       max_instances: int) -> str:
+  """One line for the log (see ``load_report``)."""
+  if "instances" not in report:
+    return (f"{name}: {report['images']} images (counts of dropped and "
+            "truncated instances are logged per step)")
+  r = report
+  text = (f"{name}: {r['images']} images, {r['instances']} instances, "
+          f"{r['crowd']} crowd regions (never instances), {r['bad_boxes']} "
+          f"bad boxes dropped, {r['missing_files']} image files missing, "
+          f"{r['empty_images']} images without instances, "
+          f"{r['unlisted_annotations']} annotations on image ids not in "
+          f"'images', {r['images_over_max_instances']} images with more "
+          f"than data.max_instances={max_instances} instances "
+          f"({r['instances_over_max_instances']} instances truncated per "
+          "pass)")
+  if r["bad_box_files"]:
+    text += "; bad boxes in: " + ", ".join(r["bad_box_files"])
+  return text
 
 
 class SkipCounter:

@@ -18,7 +18,7 @@ class TfdsSource:
   """Random-access TFDS source (grain-compatible)."""
 
   def __init__(self, name: str, split: str, *, data_dir=None,
-               with_masks: bool = False):
+               with_masks: bool = False, require_masks: bool = False):
     self.name = f"tfds:{name}:{split}"
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir,
@@ -31,6 +31,11 @@ class TfdsSource:
       if key not in feats:
         raise ValueError(f"{self.name}: feature '{key}' missing; expected "
                          "TFDS's COCO layout")
+    if require_masks and "masks" not in feats:
+      raise ValueError(
+          f"{self.name}: mask supervision (data.with_masks / method='mask') "
+          "needs a 'masks' feature, and this dataset has none. Use a "
+          "box-supervised method, or a dataset with masks.")
     label = feats["objects"]["label"]
     self.class_names = tuple(label.names)
     self.category_ids = tuple(range(1, label.num_classes + 1))

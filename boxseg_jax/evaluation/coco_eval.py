@@ -51,13 +51,15 @@ def gt_from_source(source) -> COCO:
   """COCO ground truth for a source.
 
   A ``CocoSource`` evaluates against its own annotation file (crowd regions
-  included, as COCO does); other sources (``shapes``, ``tfds``) are converted
-  from their examples, with RLE masks when the source provides masks.
+  included, as COCO does; fields pycocotools needs but box-only files may
+  lack are completed by ``_complete_annotations``); other sources
+  (``shapes``, ``tfds``) are converted from their examples, with RLE masks
+  when the source provides masks.
   """
   ann_file = getattr(source, "annotation_file", None)
   if ann_file is not None:
-    with contextlib.redirect_stdout(io.StringIO()):
-      return COCO(ann_file)
+    with open(ann_file) as f:
+      return coco_from_dict(_complete_annotations(json.load(f)))
   images, anns = [], []
   for i in range(len(source)):
     ex = source[i]
@@ -79,6 +81,36 @@ def gt_from_source(source) -> COCO:
           for c, n in zip(source.category_ids, source.class_names)]
   return coco_from_dict({"images": images, "annotations": anns,
                          "categories": cats})
+
+
+def _complete_annotations(data: Dict[str, Any]) -> Dict[str, Any]:
+  """Fills ``iscrowd`` (0), ``area`` and ``id`` where an annotation lacks them.
+
+  pycocotools reads all three for bbox evaluation too; box-only files
+  (e.g. from a labelling tool) often omit them. ``area`` is the mask area
+  when a segmentation exists, else the box area, as COCO defines it.
+  """
+  images = {img["id"]: img for img in data.get("images", [])}
+  next_id = 1 + max([int(a["id"]) for a in data["annotations"]
+                     if isinstance(a.get("id"), int)] + [0])
+  for ann in data["annotations"]:
+    ann.setdefault("iscrowd", 0)
+    if "id" not in ann:
+      ann["id"], next_id = next_id, next_id + 1
+    if "area" not in ann:
+      segm, img = ann.get("segmentation"), images.get(ann["image_id"])
+      if segm and img is not None:
+        h, w = img["height"], img["width"]
+        if isinstance(segm, list):  # polygons (pycocotools' annToRLE)
+          rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+        elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+          rle = mask_utils.frPyObjects(segm, h, w)
+        else:
+          rle = segm
+        ann["area"] = float(mask_utils.area(rle))
+      else:
+        ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+  return data
 
 
 def coco_from_dict(data: Dict[str, Any]) -> COCO:

@@ -10,7 +10,7 @@ workdir is required for multi-host runs, as for checkpoints).
 
 import json
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import jax
 from etils import epath
@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from boxseg_jax import config as config_lib
+from boxseg_jax.data import coco
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import coco_eval
 from boxseg_jax.evaluation import panels
@@ -45,6 +46,18 @@ class Subset:
     return self.source[i]
 
 
+def _images_with_masks(gt) -> Tuple[Set[int], bool]:
+  """(ids of images whose annotations all have a segmentation, any mask)."""
+  covered = set(gt.getImgIds())
+  any_mask = False
+  for ann in gt.dataset["annotations"]:
+    if coco.has_segmentation(ann.get("segmentation")):
+      any_mask = True
+    else:
+      covered.discard(ann["image_id"])
+  return covered, any_mask
+
+
 class Evaluator:
   """Runs COCO evaluation of the student (or teacher) on ``config.data.val``.
   """
@@ -68,7 +81,14 @@ class Evaluator:
       else:
         source = Subset(source, config.eval.num_images)
     self.source = source
+    config_lib.check_num_classes(config, source,
+                                 f"data.val={config.data.val}")
     self._gt = None
+    # {iou_type: image ids or None (all)}; decided before training when
+    # the run evaluates, so a val set without masks is known up front.
+    self.plan: Optional[Dict[str, Optional[List[int]]]] = None
+    if config.train.eval_at_end or config.train.eval_every_steps:
+      self.plan = self._plan()
     self.tcfg = config_lib.transform_config(config, masks=None)
     self.eval_step = step_lib.jit_eval_step(
         step_lib.make_eval_fn(model, config), mesh)
@@ -94,6 +114,37 @@ class Evaluator:
     if self.config.eval.boxfill_baselines:
       types += ("segm_boxfill", "segm_boxfill_grid")
     return types
+
+  def _plan(self) -> Dict[str, Optional[List[int]]]:
+    """{iou_type: image ids}: bbox on all, mask types where GT has masks."""
+    name = f"data.val={self.config.data.val}"
+    covered, any_mask = _images_with_masks(self.gt)
+    ids = self.gt.getImgIds() if self.image_ids is None else self.image_ids
+    segm = [i for i in ids if i in covered]
+    mask_ids = self.image_ids
+    if not any_mask or not segm:
+      logging.warning("%s: no annotation has a segmentation (box-only "
+                      "annotations): evaluating bbox only, no segm AP.", name)
+      return {"bbox": self.image_ids}
+    if len(segm) < len(ids):
+      logging.warning(
+          "%s: %d of %d images have annotations without a segmentation; "
+          "segm AP is computed on the other %d images only (bbox AP on "
+          "all).", name, len(ids) - len(segm), len(ids), len(segm))
+      mask_ids = segm
+    return {t: (self.image_ids if t == "bbox" else mask_ids)
+            for t in self.iou_types}
+
+  def evaluate(self, results) -> Dict[str, Dict[str, float]]:
+    """pycocotools metrics of ``results`` following ``self.plan``."""
+    if self.plan is None:
+      self.plan = self._plan()
+    metrics: Dict[str, Dict[str, float]] = {}
+    for iou_type, ids in self.plan.items():
+      metrics.update(coco_eval.evaluate(self.gt, results,
+                                        iou_types=(iou_type,),
+                                        image_ids=ids))
+    return metrics
 
   def predict(self, params, batch_stats, *, panel_count: int = 0):
     """COCO results of this process' images (+ panels of the first batch)."""
@@ -160,9 +211,7 @@ class Evaluator:
           results += json.loads(path.read_text())
     metrics: Dict[str, Any] = {}
     if jax.process_index() == 0:
-      metrics = coco_eval.evaluate(self.gt, results,
-                                   iou_types=self.iou_types,
-                                   image_ids=self.image_ids)
+      metrics = self.evaluate(results)
       path = coco_eval.write_eval(self.workdir, step, metrics,
                                   {"num_predictions": len(results)})
       logging.info("Evaluation at step %d (%s):\n%s", step, path,

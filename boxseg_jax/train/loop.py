@@ -156,6 +156,19 @@ def _nonfinite_message(streak, step, config, latest_ckpt, values) -> str:
       f"checkpoint. Last metrics: {values}")
 
 
+def _log_load_report(config, source) -> Dict[str, Any]:
+  """Logs the training source's load statistics once; returns them."""
+  n = config.data.max_instances
+  report = pipeline.load_report(source, n)
+  text = pipeline.format_load_report(f"data.train={config.data.train}",
+                                     report, n)
+  problems = sum(report.get(k, 0) for k in (
+      "bad_boxes", "missing_files", "unlisted_annotations",
+      "images_over_max_instances"))
+  logging.log(logging.WARNING if problems else logging.INFO, "%s", text)
+  return report
+
+
 def _metrics_collection(keys):
   return clu_metrics.Collection.create(
       **{k: clu_metrics.Average.from_output(k) for k in keys})
@@ -165,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains ``config`` in ``workdir``; returns a summary dict."""
   # 1. Mesh, writer, data. ----------------------------------------------
+  config_lib.validate(config)
   mesh = step_lib.make_mesh(config.train.num_devices)
   num_proc, proc = jax.process_count(), jax.process_index()
   if config.data.batch_size % mesh.devices.size:
@@ -179,9 +193,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   source = pipeline.make_source(
       config.data.train, shapes_cfg=config.data.shapes, role="train",
       with_masks=config.data.with_masks,
+      require_masks=config.data.with_masks,
       tfds_data_dir=config.data.tfds_data_dir or None)
   if config.data.num_train_images > 0:
     source = eval_lib.Subset(source, config.data.num_train_images)
+  config_lib.check_num_classes(config, source,
+                               f"data.train={config.data.train}")
+  train_data = _log_load_report(config, source)
   tcfg = config_lib.transform_config(config)
   train_iter = pipeline.TrainInput(
       source, tcfg, batch_size=config.data.batch_size // num_proc,
@@ -233,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   host_counts = {"instances_dropped": 0.0, "instances_truncated": 0.0}
   summary: Dict[str, Any] = {"resumed_from": how, "start_step": start_step,
                              "history": []}
+  summary["train_data"] = train_data
   step = start_step
   t_start = time.time()
   try:

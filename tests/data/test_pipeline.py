@@ -164,3 +164,43 @@ def test_next_or_stop_returns_when_stopped():
         Stalled(), TCFG, batch_size=2, seed=0).get_state()
   finally:
     release.set()
+
+
+def test_load_report_counts_what_the_source_dropped(tmp_path):
+  root = str(tmp_path)
+  os.makedirs(os.path.join(root, "annotations"))
+  os.makedirs(os.path.join(root, "s"))
+  images = []
+  for i, name in enumerate(["a.png", "b.png", "c.png", "gone.png"]):
+    if name != "gone.png":
+      Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(
+          os.path.join(root, "s", name))
+    images.append({"id": i + 1, "file_name": name, "height": 20,
+                   "width": 20})
+
+  def box(i, image_id, **kw):
+    return dict({"id": i, "image_id": image_id, "category_id": 1,
+                 "bbox": [1, 1, 4, 4], "iscrowd": 0}, **kw)
+
+  anns = [box(i, 1) for i in range(1, 7)]          # 6 > max_instances 4
+  anns += [box(7, 2, iscrowd=1), box(8, 2, bbox=[1, 1, 0, 2]), box(9, 2),
+           box(10, 99)]                             # crowd, bad, ok, unlisted
+  with open(os.path.join(root, "annotations", "instances_s.json"), "w") as f:
+    json.dump({"images": images, "annotations": anns,
+               "categories": [{"id": 1, "name": "x"}]}, f)
+  src = coco.CocoSource(root, "s")
+  report = pipeline.load_report(src, max_instances=4)
+  assert report["images"] == 3 and report["instances"] == 7
+  assert report["crowd"] == 1 and report["bad_boxes"] == 1
+  assert report["missing_files"] == 1 and report["empty_images"] == 1
+  assert report["unlisted_annotations"] == 1
+  assert report["bad_box_files"] == ["b.png"]
+  assert report["images_over_max_instances"] == 1
+  assert report["instances_over_max_instances"] == 2
+  text = pipeline.format_load_report("data.train=x", report, 4)
+  for part in ("3 images", "7 instances", "1 crowd regions", "1 bad boxes",
+               "1 image files missing", "1 images without instances",
+               "max_instances=4", "bad boxes in: b.png"):
+    assert part in text, part
+  # Generated sources report their length only.
+  assert pipeline.load_report(_source(5), 4) == {"images": 5}

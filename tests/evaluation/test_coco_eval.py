@@ -112,3 +112,23 @@ def test_boxfill_variants_scored_from_their_own_keys():
   assert r["segm_boxfill_grid"]["AP"] == pytest.approx(100.0)
   assert r["bbox"]["AP"] == pytest.approx(100.0)
   assert "segm_boxfill_grid" in coco_eval.format_table(r)
+
+
+def test_box_only_annotation_file_gets_bbox_ap(tmp_path, write_tiny_coco):
+  # No segmentation, area, iscrowd or annotation id: pycocotools needs the
+  # last three even for bbox evaluation (KeyError: 'area' without them).
+  root = str(tmp_path)
+  write_tiny_coco(root, masks=False)
+  path = tmp_path / "annotations" / "instances_s.json"
+  doc = json.loads(path.read_text())
+  for ann in doc["annotations"]:
+    del ann["iscrowd"], ann["id"]
+  path.write_text(json.dumps(doc))
+  gt = coco_eval.gt_from_source(coco.CocoSource(root, "s"))
+  anns = gt.dataset["annotations"]
+  assert sorted(a["id"] for a in anns) == [1, 2, 3, 4]
+  assert all(a["area"] == 24 * 20 and a["iscrowd"] == 0 for a in anns)
+  preds = [{"image_id": a["image_id"], "category_id": a["category_id"],
+            "bbox": a["bbox"], "score": 1.0} for a in anns]
+  r = coco_eval.evaluate(gt, preds, iou_types=("bbox",))
+  assert r["bbox"]["AP"] == pytest.approx(100.0)

@@ -4,6 +4,8 @@ All runs use configs/tiny.py (a small CondInst on 64x64 `shapes`).
 """
 
 import importlib.util
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -272,3 +274,69 @@ def test_bad_init_key_is_named(tmp_path, straight):
                           "init_keys": ("bakbone",)})
   with pytest.raises(KeyError, match="bakbone"):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # A tuple override given twice (ml_collections concatenates it).
+    ({"data.canvas": (96, 96, 96, 96)}, r"config\.data\.canvas=\(96, 96, "
+     r"96, 96\): expected 2 ints"),
+    # shapes has 4 categories.
+    ({"model.num_classes": 3}, r"model\.num_classes=3 but data\.train="
+     r"shapes has 4 categories"),
+    # Mask supervision on a box-only annotation file.
+    ({"data.train": "coco:{root}:s", "method": "mask",
+      "data.with_masks": True}, r"instances_s\.json: mask supervision"),
+])
+def test_config_and_data_mistakes_stop_before_training(
+    tmp_path, write_tiny_coco, overrides, match):
+  root = str(tmp_path / "data")
+  write_tiny_coco(root, masks=False)
+  overrides = {k: v.format(root=root) if isinstance(v, str) else v
+               for k, v in overrides.items()}
+  with pytest.raises(ValueError, match=match):
+    loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"))
+
+
+def test_val_categories_beyond_num_classes_are_an_error(tmp_path,
+                                                        write_tiny_coco):
+  root = str(tmp_path / "data")
+  spec = write_tiny_coco(root)
+  config = tiny_config(**{"data.val": spec, "model.num_classes": 4,
+                          "train.num_steps": 0})
+  path = os.path.join(root, "annotations", "instances_s.json")
+  with open(path) as f:
+    doc = json.load(f)
+  doc["categories"].append({"id": 5, "name": "c4"})
+  with open(path, "w") as f:
+    json.dump(doc, f)
+  with pytest.raises(ValueError, match=r"model\.num_classes=4 but data\.val"
+                     r"=coco:.* has 5 categories"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_load_statistics_are_logged_once_at_the_start(tmp_path, caplog,
+                                                      write_tiny_coco):
+  root = str(tmp_path / "data")
+  spec = write_tiny_coco(root)
+  path = os.path.join(root, "annotations", "instances_s.json")
+  with open(path) as f:
+    doc = json.load(f)
+  doc["annotations"] += [
+      {"id": 10, "image_id": 2, "category_id": 1, "bbox": [1, 1, 9, 9],
+       "iscrowd": 1},
+      {"id": 11, "image_id": 3, "category_id": 1, "bbox": [1, 1, -2, 9],
+       "iscrowd": 0}]
+  with open(path, "w") as f:
+    json.dump(doc, f)
+  caplog.set_level(logging.INFO)
+  summary = loop.train_and_evaluate(
+      tiny_config(**{"data.train": spec, "train.num_steps": 0}),
+      str(tmp_path / "w"))
+  report = summary["train_data"]
+  assert report["images"] == 4 and report["instances"] == 4
+  assert report["crowd"] == 1 and report["bad_boxes"] == 1
+  assert report["bad_box_files"] == ["2.png"]
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith(f"data.train={spec}: ")]
+  assert len(lines) == 1 and "1 bad boxes dropped" in lines[0]
+  assert "bad boxes in: 2.png" in lines[0]
