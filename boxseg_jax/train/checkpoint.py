@@ -14,6 +14,14 @@ keeps are deleted.
 Resume order (``restore_or_init`` in the loop): the latest complete
 checkpoint in ``workdir`` -> ``config.init`` (partial: the listed top-level
 parameter subtrees, e.g. the backbone) -> scratch.
+
+A step that does not restore (truncated or deleted files, a missing input
+position) is skipped with a warning naming it and why, and moved aside to
+``checkpoints/<step>.corrupt`` once an older step restored (Orbax would
+otherwise refuse to save any step up to it again); when no step restores,
+``CheckpointError`` names the directory and each step's reason. A
+checkpoint of another model shape (e.g. ``model.fpn_channels`` changed)
+raises ``CheckpointError`` naming the first differing parameter.
 """
 
 import json
@@ -23,12 +31,18 @@ import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
 from boxseg_jax.convert import safe_pickle
+from boxseg_jax.train import init_params
+
+
+class CheckpointError(RuntimeError):
+  """A workdir checkpoint that cannot be resumed (the message says why)."""
 
 
 class Checkpointer:
@@ -87,19 +101,106 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, step: Optional[int] = None
               ) -> Tuple[Any, Dict[str, Any], int]:
-    """Restores (state, input position, step); latest step by default."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
+    """Restores (state, input position, step) of the newest intact step.
+
+    Args:
+      abstract_state: the state's shapes/dtypes (and shardings).
+      step: restore exactly this step (no fallback); default: the newest
+        step that restores, skipping (and setting aside) broken ones.
+
+    Raises:
+      CheckpointError: the checkpoint holds another model (first differing
+        parameter named), or no step restores (each step's reason named).
+    """
+    steps = ([step] if step is not None else
+             sorted(self.manager.all_steps(), reverse=True))
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    broken = []
+    for s in steps:
+      try:
+        self._check_model_shapes(s, abstract_state)
+        input_state = self._read_input_position(s)
+        restored = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = _first_line(e)
+        logging.warning("Checkpoint step %d (%s) does not restore, trying "
+                        "an older one: %s", s, self.directory / str(s),
+                        reason)
+        broken.append((s, reason))
+        continue
+      if broken:
+        self._set_aside([b for b, _ in broken])
+        logging.warning(
+            "Resumed from step %d, the newest intact checkpoint; skipped "
+            "%s.", s, "; ".join(f"step {b} ({r})" for b, r in broken))
+      return restored["state"], input_state, s
+    raise CheckpointError(
+        f"{self.directory}: no checkpoint step restores ("
+        + "; ".join(f"step {b}: {r}" for b, r in broken) +
+        "). Move this directory away to train from scratch, or pass "
+        "another --workdir.")
+
+  def _read_input_position(self, step: int) -> Dict[str, Any]:
+    """This process' input position; every process' file must be there."""
+    for p in range(jax.process_count()):
+      path = self.input_dir / f"{int(step)}.p{p}.json"
+      if not path.exists():
+        raise FileNotFoundError(
+            f"input position {path} is missing (cannot resume exactly)")
     path = self._input_path(step)
-    if not path.exists():
-      raise FileNotFoundError(
-          f"{path}: input position of process {self.process} for checkpoint "
-          f"step {step} is missing; cannot resume exactly")
-    input_state = json.loads(path.read_text())
-    return restored["state"], input_state, step
+    try:
+      return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"input position {path} is not valid JSON ({e})"
+                       ) from e
+
+  def _check_model_shapes(self, step: int, abstract_state: Any) -> None:
+    """CheckpointError naming the first parameter that differs in shape."""
+    path = self.directory / str(int(step)) / "state"
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    stored = _shapes(tree["params"])
+    wanted = _shapes(abstract_state.params)
+    if stored == wanted:
+      return
+    for name in sorted(set(stored) | set(wanted)):
+      have, want = stored.get(name), wanted.get(name)
+      if have == want:
+        continue
+      if have is None:
+        what = "is not in the checkpoint"
+      elif want is None:
+        what = "is in the checkpoint but not in the model of this config"
+      else:
+        what = (f"has shape {have} in the checkpoint, the model of this "
+                f"config has {want}")
+      raise CheckpointError(
+          f"{path}: written by another model: params/{name} {what}. The "
+          "workdir was trained with another model config (e.g. "
+          "model.fpn_channels, depth or num_classes). Resume with that "
+          "config, or start a new --workdir; to reuse the parameters that "
+          f"still fit, pass --config.init={path.parent.parent.parent} with "
+          "--config.init_keys naming them (e.g. backbone).")
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    """Renames broken step directories to ``<step>.corrupt``."""
+    if self.process == 0:
+      for s in steps:
+        src = self.directory / str(int(s))
+        dst = self.directory / f"{int(s)}.corrupt"
+        n = 1
+        while dst.exists():
+          n += 1
+          dst = self.directory / f"{int(s)}.corrupt{n}"
+        src.rename(dst)
+        logging.warning("Moved the broken checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self.manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
     try:
@@ -113,6 +214,22 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
+  """``{"a/b/kernel": shape}`` of a parameter tree (arrays or metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
+        k, "idx", k)))) for k in path)
+    out[name] = tuple(int(d) for d in leaf.shape)
+  return out
 
 
 def _abs(path: epath.Path) -> epath.Path:
@@ -152,9 +269,13 @@ def merge_init_params(params: Any, loaded: Dict[str, Any],
   """Replaces the ``keys`` subtrees of ``params`` by ``loaded``'s.
 
   Every leaf of those subtrees must exist in ``loaded`` with the same shape;
-  a mismatch raises naming the parameter path.
+  a mismatch raises naming the parameter path, except for the
+  class-dependent head leaves (``init_params.CLASS_DEPENDENT_LEAVES``), which
+  keep their fresh initialisation (fine-tuning on another number of
+  classes) and are logged by name.
   """
   params = dict(params)
+  reinit = []
   for key in keys:
     if key not in params:
       raise KeyError(f"config.init_keys: {key!r} is not a parameter subtree "
@@ -168,9 +289,18 @@ def merge_init_params(params: Any, loaded: Dict[str, Any],
       name = "/".join((key,) + k)
       if k not in have:
         raise KeyError(f"{source}: missing parameter {name}")
+      if (tuple(have[k].shape) != tuple(v.shape) and
+          init_params.is_class_dependent(name)):
+        reinit.append(f"{name} {tuple(have[k].shape)} -> {tuple(v.shape)}")
+        out[k] = v
+        continue
       if tuple(have[k].shape) != tuple(v.shape):
         raise ValueError(f"{source}: {name} has shape {have[k].shape}, the "
                          f"model expects {v.shape}")
       out[k] = np.asarray(have[k]).astype(v.dtype)
     params[key] = traverse_util.unflatten_dict(out)
+  if reinit:
+    logging.warning("config.init=%s: %d class-dependent parameter(s) have "
+                    "another shape and keep their fresh initialisation: %s",
+                    source, len(reinit), "; ".join(reinit))
   return params
