@@ -229,11 +229,11 @@ class CocoSource:
       first = next(r["first_no_segmentation"] for r in self.records
                    if r["num_no_segmentation"])
       raise ValueError(
-          f"{self.annotation_file}: mask supervision (data.with_masks / "
-          f"method='mask') needs a segmentation on every instance, but "
+          f"{self.annotation_file}: masks are required (mask supervision: "
+          f"data.with_masks / method='mask'; tools.mask_ceiling), but "
           f"{self.stats['no_segmentation']} of {self.stats['instances']} "
-          f"have none (first: annotation id={first}). Use a box-supervised "
-          "method, or an annotation file with masks.")
+          f"instances have no segmentation (first: annotation id={first}). "
+          "Use a box-supervised method, or an annotation file with masks.")
 
   def _check_unique_ids(self, data: Dict[str, Any]) -> None:
     """ValueError naming the file and id when an id occurs twice."""

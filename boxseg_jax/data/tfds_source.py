@@ -33,9 +33,10 @@ class TfdsSource:
                          "TFDS's COCO layout")
     if require_masks and "masks" not in feats:
       raise ValueError(
-          f"{self.name}: mask supervision (data.with_masks / method='mask') "
-          "needs a 'masks' feature, and this dataset has none. Use a "
-          "box-supervised method, or a dataset with masks.")
+          f"{self.name}: masks are required (mask supervision: "
+          "data.with_masks / method='mask'; tools.mask_ceiling), but this "
+          "dataset has no 'masks' feature. Use a box-supervised method, or "
+          "a dataset with masks.")
     label = feats["objects"]["label"]
     self.class_names = tuple(label.names)
     self.category_ids = tuple(range(1, label.num_classes + 1))

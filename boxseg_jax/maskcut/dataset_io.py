@@ -2,10 +2,14 @@
 
 Image sources:
 * a glob (`/data/imagenet/train/**/*.JPEG`, recursive `**` allowed): sorted
-  paths; `file_name` is the path relative to the glob's directory prefix (the
-  part before the first wildcard), image ids 1..n;
+  paths, each file once (a pattern like `**/**` makes `glob` return a file
+  several times); `file_name` is the path relative to the glob's directory
+  prefix (the part before the first wildcard), image ids 1..n;
 * `coco:ROOT:SPLIT`: the images of `ROOT/annotations/instances_SPLIT.json`
-  (ids and file names kept), files under `ROOT/SPLIT/`.
+  (ids and file names kept; duplicate ids are an error naming the file and
+  the id), files under `ROOT/SPLIT/`.
+
+Image ids are unique in every file written (`check_unique_ids`).
 
 Output: a standard COCO instances file with one class-agnostic category
 `{"id": 1, "name": "fg"}`; each annotation has `bbox` (x, y, w, h, the tight
@@ -58,9 +62,11 @@ def list_images(spec: str) -> List[ImageEntry]:
     for im in sorted(data["images"], key=lambda im: im["id"]):
       out.append(ImageEntry(os.path.join(root, split, im["file_name"]),
                             im["file_name"], int(im["id"])))
+    check_unique_ids(out, ann)
     return out
-  paths = sorted((p for p in glob.glob(spec, recursive=True)
-                  if os.path.isfile(p)), key=_natural_key)
+  unique = {os.path.normpath(p): p for p in glob.glob(spec, recursive=True)
+            if os.path.isfile(p)}
+  paths = sorted(unique.values(), key=_natural_key)
   if not paths:
     raise FileNotFoundError(f"no files match --images={spec!r}")
   wild = re.search(r"[*?\[]", spec)
@@ -68,6 +74,22 @@ def list_images(spec: str) -> List[ImageEntry]:
   base = os.path.dirname(prefix) if not prefix.endswith(os.sep) else prefix
   return [ImageEntry(p, os.path.relpath(p, base or "."), i + 1)
           for i, p in enumerate(paths)]
+
+
+def check_unique_ids(entries: List[ImageEntry], source: str) -> None:
+  """ValueError naming ``source`` and the id when two entries share an id.
+
+  A COCO file with one image id twice trains the second image with the
+  first one's boxes and merges them in evaluation.
+  """
+  seen: Dict[int, str] = {}
+  for e in entries:
+    if e.image_id in seen:
+      raise ValueError(
+          f"{source}: image id {e.image_id} is used by {seen[e.image_id]} "
+          f"and {e.file_name}; the output would have duplicate image ids. "
+          "Give every image its own id.")
+    seen[e.image_id] = e.file_name
 
 
 def load_resized(path: str, fixed_size: int, patch_size: int

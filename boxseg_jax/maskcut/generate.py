@@ -106,6 +106,7 @@ def run(cfg: ml_collections.ConfigDict,
     rejected_masks (MaskCut's IoU/area rule), dropped_masks (CRF IoU or
     empty), lobpcg_cap_hits, seconds, seconds_per_image.
   """
+  dataset_io.check_unique_ids(list(entries), "maskcut images")
   use_crf = cfg.post.crf
   if use_crf and not crf.crf_available():
     raise ConfigError(

@@ -40,10 +40,16 @@ def _grid(masks: np.ndarray, stride: int, mode: str) -> np.ndarray:
 
 
 def ceiling(config, stride: int = 4) -> Dict[str, Dict[str, float]]:
-  """``{"point": metrics, "area": metrics}`` on ``config.data.val``."""
+  """``{"point": metrics, "area": metrics}`` on ``config.data.val``.
+
+  The val set must have a GT mask on every instance (an error naming the
+  file otherwise: the ceiling of a box-only set means nothing).
+  """
+  config_lib.validate(config)
   source = pipeline.make_source(
       config.data.val, shapes_cfg=config.data.shapes, role="val",
-      with_masks=True, tfds_data_dir=config.data.tfds_data_dir or None)
+      with_masks=True, require_masks=True,
+      tfds_data_dir=config.data.tfds_data_dir or None)
   gt = coco_eval.gt_from_source(source)
   tcfg = config_lib.transform_config(config, masks="full")
   results = {"point": [], "area": []}

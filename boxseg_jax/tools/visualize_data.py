@@ -13,6 +13,7 @@ sees them). Padding is shown dark grey.
       --config.data.canvas=1344,1344 --output=/tmp/vis_coco
 """
 
+import logging
 import os
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from boxseg_jax import config as config_lib
+from boxseg_jax.data import coco
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import panels
 
@@ -64,19 +66,41 @@ def render_example(batch, i: int, class_names: Sequence[str]) -> Image.Image:
   return out
 
 
+def first_loadable(source, limit: int, name: str):
+  """The first record that decodes; undecodable ones are skipped, logged.
+
+  Raises ``InputError`` after ``limit`` undecodable records in a row (all of
+  them when ``limit <= 0``), as the trainer does.
+  """
+  limit = len(source) if limit <= 0 else min(limit, len(source))
+  for i in range(limit):
+    try:
+      return source[i]
+    except coco.BadImageError as e:
+      logging.warning("%s: skipping record %d: %s", name, i, e)
+  raise pipeline.InputError(
+      f"{name}: the first {limit} records could not be loaded. Check the "
+      "dataset path and split, and that the image files are real images "
+      "(not Git LFS pointers).")
+
+
 def visualize(config, output: str, num_batches: int = 1,
               split: str = "train") -> list:
   """Renders ``num_batches`` batches of ``config``; returns the PNG paths."""
+  config_lib.validate(config)
   spec = config.data.train if split == "train" else config.data.val
   source = pipeline.make_source(
       spec, shapes_cfg=config.data.shapes, role=split, with_masks=True,
       tfds_data_dir=config.data.tfds_data_dir or None)
-  has_masks = "masks" in source[0]
+  name = f"data.{split}={spec}"
+  limit = config.data.max_consecutive_skips
+  has_masks = "masks" in first_loadable(source, limit, name)
   tcfg = config_lib.transform_config(config,
                                      masks="full" if has_masks else None)
   batches = pipeline.TrainInput(
       source, tcfg, batch_size=config.data.batch_size, seed=config.seed,
-      num_threads=config.data.num_threads)
+      num_threads=config.data.num_threads, max_consecutive_skips=limit,
+      name=name)
   os.makedirs(output, exist_ok=True)
   paths = []
   for b in range(num_batches):

@@ -215,9 +215,9 @@ def test_mask_supervision_needs_segmentations(tmp_path):
   _write(root, _png_images(root, ["a.png", "b.png"]),
          [_box(1, segmentation=[[1, 1, 6, 1, 6, 6]]), _box(2, image_id=2)])
   coco.CocoSource(root, "s")  # boxes only: fine
-  with pytest.raises(ValueError, match=r"instances_s\.json: mask "
-                     r"supervision .* 1 of 2 have none \(first: annotation "
-                     r"id=2\)"):
+  with pytest.raises(ValueError, match=r"instances_s\.json: masks are "
+                     r"required .* 1 of 2 instances have no segmentation "
+                     r"\(first: annotation id=2\)"):
     pipeline.make_source(f"coco:{root}:s", require_masks=True)
 
 

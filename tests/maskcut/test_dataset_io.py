@@ -104,3 +104,32 @@ def test_mask_annotation_and_json_load_in_pycocotools(tmp_path):
   ev.accumulate()
   ev.summarize()
   assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_glob_lists_each_file_once(tmp_path):
+  rng = np.random.default_rng(0)
+  for name in ["a/b/x.png", "a/y.png"]:
+    _save(str(tmp_path / name), rng.integers(0, 255, (5, 6, 3), np.uint8))
+  # `glob` returns a/b/x.png three times for this pattern.
+  entries = dataset_io.list_images(str(tmp_path) + "/**/**/*.png")
+  assert [e.file_name for e in entries] == ["a/b/x.png", "a/y.png"]
+  assert [e.image_id for e in entries] == [1, 2]
+
+
+def test_duplicate_image_ids_are_refused(tmp_path):
+  (tmp_path / "annotations").mkdir()
+  doc = {"images": [{"id": 3, "file_name": "a.jpg", "width": 4, "height": 3},
+                    {"id": 3, "file_name": "b.jpg", "width": 4, "height": 3}],
+         "annotations": [], "categories": []}
+  (tmp_path / "annotations" / "instances_val.json").write_text(
+      json.dumps(doc))
+  with pytest.raises(ValueError, match=r"instances_val\.json: image id 3 is "
+                     r"used by a\.jpg and b\.jpg"):
+    dataset_io.list_images(f"coco:{tmp_path}:val")
+  # Entries built by hand are checked before any work.
+  from boxseg_jax.maskcut import generate  # pylint: disable=g-import-not-at-top
+  entries = [dataset_io.ImageEntry("/x/a.jpg", "a.jpg", 1),
+             dataset_io.ImageEntry("/x/b.jpg", "b.jpg", 1)]
+  with pytest.raises(ValueError, match="image id 1 is used by a.jpg and "
+                     "b.jpg"):
+    generate.run(None, entries, None, str(tmp_path / "out.json"))

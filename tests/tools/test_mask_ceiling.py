@@ -45,3 +45,15 @@ def test_cli_writes_json(tmp_path):
   assert data["stride"] == 4
   assert data["point"]["bbox"]["AP"] == pytest.approx(100.0)
   assert 0.0 < data["area"]["segm"]["AP"] < 100.0
+
+
+def test_box_only_val_and_bad_config_are_errors(tmp_path, write_tiny_coco):
+  c = _tiny()
+  c.data.val = write_tiny_coco(str(tmp_path), masks=False)
+  with pytest.raises(ValueError, match=r"instances_s\.json: masks are "
+                     "required"):
+    mask_ceiling.ceiling(c)
+  c = _tiny()
+  c.loss.sizes_of_interest = (64, 128)
+  with pytest.raises(ValueError, match=r"config\.loss\.sizes_of_interest"):
+    mask_ceiling.ceiling(c)

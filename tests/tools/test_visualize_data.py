@@ -6,7 +6,9 @@ import sys
 
 import numpy as np
 from PIL import Image
+import pytest
 
+from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import panels
 from boxseg_jax.tools import visualize_data
 
@@ -74,3 +76,26 @@ def test_coco_mini_pngs(coco_mini, tmp_path):
   paths = visualize_data.visualize(cfg, str(tmp_path), num_batches=1)
   assert len(paths) == cfg.data.batch_size
   assert np.asarray(Image.open(paths[0])).std() > 20
+
+
+def test_bad_first_record_is_skipped(tmp_path, write_tiny_coco, caplog):
+  cfg = _load_config("tiny")
+  cfg.data.train = write_tiny_coco(str(tmp_path / "d"), corrupt_first=True)
+  cfg.data.batch_size = 3
+  paths = visualize_data.visualize(cfg, str(tmp_path / "out"))
+  assert len(paths) == 3
+  assert "skipping record 0" in caplog.text and "0.png" in caplog.text
+
+
+def test_nothing_decodes_and_bad_config_are_errors(tmp_path,
+                                                   write_lfs_pointer_coco):
+  cfg = _load_config("tiny")
+  write_lfs_pointer_coco(str(tmp_path / "d"), num=3)
+  cfg.data.train = f"coco:{tmp_path / 'd'}:s"
+  with pytest.raises(pipeline.InputError, match=r"data\.train=coco:.*: the "
+                     "first 3 records could not be loaded"):
+    visualize_data.visualize(cfg, str(tmp_path / "out"))
+  cfg = _load_config("tiny")
+  cfg.data.canvas = (96, 96, 96, 96)
+  with pytest.raises(ValueError, match=r"config\.data\.canvas"):
+    visualize_data.visualize(cfg, str(tmp_path / "out"))

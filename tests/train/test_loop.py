@@ -285,7 +285,7 @@ def test_bad_init_key_is_named(tmp_path, straight):
      r"shapes has 4 categories"),
     # Mask supervision on a box-only annotation file.
     ({"data.train": "coco:{root}:s", "method": "mask",
-      "data.with_masks": True}, r"instances_s\.json: mask supervision"),
+      "data.with_masks": True}, r"instances_s\.json: masks are required"),
 ])
 def test_config_and_data_mistakes_stop_before_training(
     tmp_path, write_tiny_coco, overrides, match):
