@@ -8,6 +8,10 @@ Resumes automatically from ``--workdir``. Multi-host: pass
 ``--distributed`` (or set BOXSEG_DISTRIBUTED=1) on every process; the
 coordinator comes from the environment (TPU pods, SLURM) or from
 ``--coordinator_address``/``--num_processes``/``--process_id``.
+
+Errors of ours (a bad dataset, config field or checkpoint) print one line
+and exit with status 2; ``--traceback`` shows the full traceback
+(``boxseg_jax/cli.py``).
 """
 
 import json
@@ -17,6 +21,8 @@ import os
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from boxseg_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -63,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, "boxseg_jax.main")

@@ -6,17 +6,19 @@ r"""`python -m boxseg_jax.maskcut`: MaskCut pseudo masks as COCO JSON.
       [--limit=N] [--random-init]
 
 Refuses to run without --weights unless --random-init is given (smoke tests).
+Errors of ours (weights, config, image list) print one line and exit with
+status 2; ``--traceback`` shows the full traceback (``boxseg_jax/cli.py``).
 """
 
 import json
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from boxseg_jax import cli
 from boxseg_jax.maskcut import generate
 from boxseg_jax.maskcut import dataset_io
 
@@ -45,16 +47,12 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("no config: pass --config=configs/maskcut.py")
-  try:
-    params = generate.load_params(cfg, _WEIGHTS.value, _RANDOM_INIT.value)
-    entries = dataset_io.list_images(_IMAGES.value)
-    if _LIMIT.value > 0:
-      entries = entries[:_LIMIT.value]
-    stats = generate.run(cfg, entries, params, _OUTPUT.value,
-                         progress=not _NO_PROGRESS.value)
-  except (generate.ConfigError, FileNotFoundError, ValueError) as e:
-    print(f"maskcut: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  params = generate.load_params(cfg, _WEIGHTS.value, _RANDOM_INIT.value)
+  entries = dataset_io.list_images(_IMAGES.value)
+  if _LIMIT.value > 0:
+    entries = entries[:_LIMIT.value]
+  stats = generate.run(cfg, entries, params, _OUTPUT.value,
+                       progress=not _NO_PROGRESS.value)
   summary = dict(stats, skipped=len(stats["skipped"]), output=_OUTPUT.value)
   logging.info("maskcut done: %s", json.dumps(summary))
   print(json.dumps(summary))
@@ -63,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "boxseg_jax.maskcut")

@@ -25,6 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from boxseg_jax import cli
 from boxseg_jax import config as config_lib
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import coco_eval
@@ -94,4 +95,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("stride", 4, "Mask grid stride.")
   flags.DEFINE_string("output", "", "Optional JSON output path.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, "boxseg_jax.tools.mask_ceiling")

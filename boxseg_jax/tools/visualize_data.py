@@ -23,6 +23,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
+from boxseg_jax import cli
 from boxseg_jax import config as config_lib
 from boxseg_jax.data import coco
 from boxseg_jax.data import pipeline
@@ -124,4 +125,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, "boxseg_jax.tools.visualize_data")
