@@ -97,14 +97,18 @@ class Evaluator:
   def gt(self):
     if self._gt is None:
       src = self.source
-      if getattr(src, "annotation_file", None) is None and hasattr(
-          src, "source"):
-        inner = src.source
-        if hasattr(inner, "with_masks"):
+      if getattr(src, "annotation_file", None) is not None:
+        self._gt = coco_eval.gt_from_source(src)  # read from the file
+      else:  # converted from the examples: with their masks, this once
+        inner = getattr(src, "source", src)
+        old = getattr(inner, "with_masks", None)
+        if old is not None:
           inner.with_masks = True
-      elif hasattr(src, "with_masks"):
-        src.with_masks = True
-      self._gt = coco_eval.gt_from_source(src)
+        try:
+          self._gt = coco_eval.gt_from_source(src)
+        finally:
+          if old is not None:
+            inner.with_masks = old
     return self._gt
 
   @property

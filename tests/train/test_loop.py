@@ -224,6 +224,9 @@ def test_sigterm_stops_a_run_whose_input_stalls(tmp_path, monkeypatch):
     def __len__(self):
       return len(self.inner)
 
+    def __getattr__(self, name):  # category_ids, class_names
+      return getattr(self.inner, name)
+
     def __getitem__(self, i):
       if not self.signalled:
         self.signalled = True
