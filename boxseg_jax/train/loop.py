@@ -26,6 +26,7 @@ from boxseg_jax.data import features
 from boxseg_jax.data import pipeline
 from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import evaluate as eval_lib
+from boxseg_jax.train import inference_ckpt
 from boxseg_jax.train import models
 from boxseg_jax.train import optim
 from boxseg_jax.train import state as state_lib
@@ -190,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       workdir, just_logging=proc > 0, asynchronous=True)
   writer.write_hparams({k: str(v) for k, v in
                         config.to_dict().items() if not isinstance(v, dict)})
+  if proc == 0:  # read by boxseg_jax.evaluate / predict / export
+    inference_ckpt.write_config(workdir, config)
   source = pipeline.make_source(
       config.data.train, shapes_cfg=config.data.shapes, role="train",
       with_masks=config.data.with_masks,
