@@ -95,8 +95,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.pairwise_color_thresh = 0.3
   c.loss.pairwise_warmup_iters = 10000
 
+  # The EMA teacher of the teacher-student methods (BoxTeacher, BoxSeg).
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.999
+  # "test_scale": the teacher sees the image at data.test_short_size /
+  # test_max_size on its own canvas (the reference, §4.2); "same": the
+  # student's geometry (cheaper, no resampling).
+  c.teacher.view = "test_scale"
+  c.teacher.canvas = ()               # () = data.canvas
+  # "train": mask-branch BN on the teacher batch's statistics, updating the
+  # teacher's own running statistics (the reference's TEACHER_EVAL=False);
+  # "eval": the teacher's running statistics, frozen.
+  c.teacher.bn_mode = "train"
+
+  # BoxTeacher (reference §4; MODEL.BOX_TEACHER.* defaults).
+  c.boxteacher = ml_collections.ConfigDict()
+  c.boxteacher.iou_thresh = 0.5
+  c.boxteacher.score_thresh = 0.0
+  c.boxteacher.assign_quirk = False   # True: the reference's off-by-one
+  c.boxteacher.mask_threshold = 0.5
+  c.boxteacher.mask_weight = 0.5
+  c.boxteacher.warmup_iters = 10000
+  c.boxteacher.affinity_thresh = 0.5
+  c.boxteacher.affinity_weight = 0.1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"                # sgd | adamw
@@ -119,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.panel_every_steps = 0       # image panels (0: at evaluations)
   c.train.max_nonfinite_streak = 20
   c.train.num_devices = -1            # -1: all devices of the mesh
+  # Teacher-student methods: log the pseudo masks' mean IoU with the GT
+  # masks (needs a source with masks; they travel as `monitor_masks`, which
+  # no loss reads).
+  c.train.monitor_pseudo_labels = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.score_thresh = 0.05
@@ -162,21 +187,71 @@ def use_from_scratch_model(c: ml_collections.ConfigDict) -> None:
   c.model.pixel_std = (58.395, 57.12, 57.375)
 
 
+# Reference schedules (§7): iterations and LR drop steps at batch 16.
+COCO_SCHEDULES = {"1x": (90000, (60000, 80000)),
+                  "3x": (270000, (210000, 250000))}
+
+
+def use_coco_recipe(c: ml_collections.ConfigDict, schedule: str = "1x",
+                    root: str = "datasets/coco") -> None:
+  """The reference COCO recipe (§7): data, SGD schedule, test scale.
+
+  Batch 16, SGD lr 0.01 momentum 0.9, warm-up 1000 steps from 0.001x, the
+  ``schedule``'s steps and drops, short side 640..800 (max 1333) for
+  training and 800/1333 for testing, evaluation every 10k steps. The
+  backbone is ResNet with FrozenBN, stem + res2 frozen, MSRA (BGR) weights
+  given by ``--config.init`` (converted with ``python -m
+  boxseg_jax.convert``).
+  """
+  steps, drops = COCO_SCHEDULES[schedule]
+  c.data.train = f"coco:{root}:train2017"
+  c.data.val = f"coco:{root}:val2017"
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 8
+  c.optim.name = "sgd"
+  c.optim.base_lr = 0.01
+  c.optim.warmup_steps = 1000
+  c.optim.lr_boundaries = drops
+  c.train.num_steps = steps
+  c.train.eval_every_steps = 10000
+  c.init_keys = ("backbone",)
+
+
+def teacher_canvas(config: ml_collections.ConfigDict) -> Tuple[int, int]:
+  """The teacher view's static canvas (``teacher.canvas`` or data.canvas)."""
+  return tuple(config.teacher.canvas or config.data.canvas)
+
+
 def transform_config(config: ml_collections.ConfigDict, *,
-                     masks="auto") -> transforms.TransformConfig:
+                     masks="auto", teacher_view: bool = False
+                     ) -> transforms.TransformConfig:
   """The static transform parameters of ``config.data``.
 
   ``masks``: "auto" puts point-sampled GT masks in the batch iff
-  ``data.with_masks``; None, "s4" or "full" force that mode.
+  ``data.with_masks`` (as ``masks``) or ``train.monitor_pseudo_labels`` (as
+  ``monitor_masks``, read by no loss); None, "s4" or "full" force that
+  mode. ``teacher_view``: add the teacher's test-scale view (methods with a
+  teacher and ``teacher.view = "test_scale"``).
   """
   d = config.data
+  mask_key = "masks"
   if masks == "auto":
-    masks = "s4" if d.with_masks else None
+    masks = None
+    if d.with_masks:
+      masks = "s4"
+    elif config.train.monitor_pseudo_labels:
+      masks, mask_key = "s4", "monitor_masks"
+  if teacher_view and config.teacher.view not in ("test_scale", "same"):
+    raise ValueError(f"teacher.view={config.teacher.view!r}: expected "
+                     "'test_scale' or 'same'")
+  use_view = teacher_view and config.teacher.view == "test_scale"
   return transforms.TransformConfig(
       canvas=tuple(d.canvas), max_instances=d.max_instances,
       short_sizes=tuple(d.train_short_sizes), max_size=d.train_max_size,
       test_short_size=d.test_short_size, test_max_size=d.test_max_size,
-      hflip_prob=d.hflip_prob, photometric=d.photometric, masks=masks)
+      hflip_prob=d.hflip_prob, photometric=d.photometric, masks=masks,
+      mask_key=mask_key,
+      teacher_canvas=teacher_canvas(config) if use_view else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +282,9 @@ TUPLE_FIELDS = {
         lambda v: len(v) >= 1 and all(x > 0 for x in v) and _distinct(v)),
     "data.shapes.image_size": _TupleRule(
         "2 positive ints (H, W)", (2,), int, lambda v: min(v) > 0),
+    "teacher.canvas": _TupleRule(
+        "() (= data.canvas) or 2 ints (H, W), positive multiples of 32",
+        (0, 2), int, lambda v: all(x > 0 and x % 32 == 0 for x in v)),
     "model.resnet_num_blocks": _TupleRule(
         "() or 4 positive ints (blocks of res2..res5)", (0, 4), int,
         lambda v: all(x > 0 for x in v)),

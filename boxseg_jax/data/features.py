@@ -27,6 +27,12 @@ fixed canvas ``H x W`` per config):
   masks           bool [B, N, H/4, W/4] (only when ``with_masks``): GT masks
                   point-sampled at ``[2::4, 2::4]`` of the canvas, the grid
                   the CondInst mask head predicts on.
+  monitor_masks   the same, for ``train.monitor_pseudo_labels`` only: no
+                  loss reads this key.
+  teacher_view    uint8 [B, Ht, Wt, 3] (``teacher.view = "test_scale"``):
+                  the student's geometry (same flip) at the test scale on
+                  the teacher canvas, no photometric change.
+  teacher_view_valid  bool [B, Ht, Wt].
   scale           float32 [B, 2] (sy, sx): resized / original size; BoxInst
                   removes the bottom ``int(10 * sy)`` rows from its pairwise
                   validity (reference §3.2).
@@ -49,6 +55,10 @@ Batch = Dict[str, np.ndarray]
 
 DEVICE_KEYS = ("image", "image_teacher", "image_valid", "boxes", "labels",
                "instance_valid", "example_valid", "scale")
+# Sent to devices when present: GT masks (mask supervision), GT masks for the
+# pseudo-label monitor only, and the teacher's test-scale view.
+OPTIONAL_DEVICE_KEYS = ("masks", "monitor_masks", "teacher_view",
+                        "teacher_view_valid")
 MASK_KEY = "masks"
 HOST_KEYS = ("image_id", "orig_size", "resized_size", "num_truncated",
              "num_dropped")
@@ -61,7 +71,7 @@ MASK_OFFSET = MASK_STRIDE // 2
 
 def device_batch(batch: Batch) -> Batch:
   """Returns the fields of ``batch`` that go to the accelerator."""
-  keys = DEVICE_KEYS + ((MASK_KEY,) if MASK_KEY in batch else ())
+  keys = DEVICE_KEYS + tuple(k for k in OPTIONAL_DEVICE_KEYS if k in batch)
   return {k: batch[k] for k in keys}
 
 

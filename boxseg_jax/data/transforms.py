@@ -16,7 +16,9 @@ The training transform (reference §4.1, §7) does, in order:
    <= 1e-5 dropped and counted, the first ``max_instances`` kept and the rest
    counted as truncated.
 4. Two views of the same geometry: ``image_teacher`` (no colour change) and
-   ``image`` (the student view: photometric augmentation).
+   ``image`` (the student view: photometric augmentation); with
+   ``teacher_canvas`` a third, ``teacher_view``: the same flip at the test
+   scale on its own canvas (BoxTeacher's teacher input).
 5. Padding to the canvas (zeros bottom/right) with ``image_valid``.
 """
 
@@ -219,6 +221,12 @@ class TransformConfig:
   hflip_prob: float = 0.5
   photometric: str = "strong"
   masks: Optional[str] = None  # None | "s4" (mask-head grid) | "full"
+  # Batch key of the GT masks: "masks" (mask supervision, visualisation) or
+  # "monitor_masks" (read only by the pseudo-label monitor, never a loss).
+  mask_key: str = "masks"
+  # A third view for a teacher at the fixed test scale on its own canvas
+  # (BoxTeacher §4.2): `teacher_view` / `teacher_view_valid`. None: no view.
+  teacher_canvas: Optional[Tuple[int, int]] = None
 
   def __post_init__(self):
     for i, s in enumerate(self.canvas):
@@ -227,11 +235,33 @@ class TransformConfig:
                          "(the stride of res5)")
     if self.masks not in (None, "s4", "full"):
       raise ValueError(f"masks: unknown mode {self.masks!r}")
+    for i, s in enumerate(self.teacher_canvas or ()):
+      if s % 32:
+        raise ValueError(f"teacher.canvas[{i}] = {s} must be a multiple of "
+                         "32 (the stride of res5)")
+
+
+def teacher_view(image: np.ndarray, flipped: bool,
+                 cfg: TransformConfig) -> np.ndarray:
+  """The teacher's view: the original image at the test scale (§4.2).
+
+  The reference re-resizes the student's (already resized) view to the test
+  size; we resize the original once (one interpolation instead of two),
+  then apply the student's flip so both views share the geometry.
+  """
+  h, w = image.shape[:2]
+  th, tw = fit_size(*shortest_edge_size(h, w, cfg.test_short_size,
+                                        cfg.test_max_size), cfg.teacher_canvas)
+  out = image
+  if (th, tw) != (h, w):
+    out = np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
+  return np.ascontiguousarray(out[:, ::-1]) if flipped else out
 
 
 def _finish(ex: features.Example, student: np.ndarray, cfg: TransformConfig,
             orig_size: Tuple[int, int], num_dropped: int,
-            num_truncated: int) -> features.Example:
+            num_truncated: int,
+            teacher: Optional[np.ndarray] = None) -> features.Example:
   """Pads everything to the static canvas / max_instances shapes."""
   h, w = ex["image"].shape[:2]
   ch, cw = cfg.canvas
@@ -263,13 +293,20 @@ def _finish(ex: features.Example, student: np.ndarray, cfg: TransformConfig,
   if cfg.masks == "full":
     m = np.zeros((big_n, ch, cw), bool)
     m[:n, :h, :w] = ex["masks"].astype(bool)
-    out["masks"] = m
+    out[cfg.mask_key] = m
   elif cfg.masks == "s4":
     s, o = features.MASK_STRIDE, features.MASK_OFFSET
     m = np.zeros((big_n, ch // s, cw // s), bool)
     sub = ex["masks"][:, o::s, o::s].astype(bool)
     m[:n, :sub.shape[1], :sub.shape[2]] = sub
-    out["masks"] = m
+    out[cfg.mask_key] = m
+  if cfg.teacher_canvas is not None:
+    if teacher is None:  # padding examples: an empty teacher view
+      teacher = np.zeros((0, 0, 3), np.uint8)
+    tvalid = np.zeros(tuple(cfg.teacher_canvas), bool)
+    tvalid[:teacher.shape[0], :teacher.shape[1]] = True
+    out["teacher_view"] = pad_to_canvas(teacher, cfg.teacher_canvas)
+    out["teacher_view_valid"] = tvalid
   return out
 
 
@@ -285,16 +322,20 @@ def make_train_transform(cfg: TransformConfig):
       raise ValueError(f"{ex.get('file_name')}: config asks for masks "
                        "(data.with_masks) but the source provides none")
     orig = ex["image"].shape[:2]
+    original = ex["image"]
     short = int(cfg.short_sizes[rng.integers(len(cfg.short_sizes))])
     nh, nw = fit_size(*shortest_edge_size(*orig, short, cfg.max_size),
                       cfg.canvas)
     ex = resize(ex, nh, nw)
-    if rng.uniform() < cfg.hflip_prob:
+    flipped = bool(rng.uniform() < cfg.hflip_prob)
+    if flipped:
       ex = hflip(ex)
     ex, dropped, truncated = clean_instances(ex, cfg.max_instances)
     student = (photometric(ex["image"], rng) if photometric is not None
                else ex["image"])
-    return _finish(ex, student, cfg, orig, dropped, truncated)
+    teacher = (teacher_view(original, flipped, cfg)
+               if cfg.teacher_canvas is not None else None)
+    return _finish(ex, student, cfg, orig, dropped, truncated, teacher)
 
   return fn
 

@@ -179,6 +179,6 @@ def boxteacher_term(inst: MaskInstances, *, mask_weight: float = 0.5,
       'loss_mask': mask_weight * warmup * pixel,
       'loss_mask_affinity': affinity_weight * warmup * affinity,
       'mask_warmup': warmup,
-      'num_pseudo_masks': boxteacher_losses.num_valid_masks(
-          flags, inst.slot_valid),
+      'num_pseudo_masks': jnp.sum(
+          ((flags > 0) & inst.slot_valid).astype(jnp.float32)),
   }

@@ -185,8 +185,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if config.data.batch_size % mesh.devices.size:
     raise ValueError(f"data.batch_size={config.data.batch_size} is not "
                      f"divisible by {mesh.devices.size} devices")
-  if config.method == "mask" and not config.data.with_masks:
-    raise ValueError("method='mask' needs data.with_masks=True")
+  method = step_lib.get_method(config)
+  if method.needs_masks and not config.data.with_masks:
+    raise ValueError(f"method={config.method!r} trains on GT masks: set "
+                     "data.with_masks=True")
+  monitor = config.train.monitor_pseudo_labels
+  if monitor and method.pseudo_labels is None:
+    raise ValueError(f"train.monitor_pseudo_labels: method "
+                     f"{config.method!r} makes no pseudo labels")
   writer = metric_writers.create_default_writer(
       workdir, just_logging=proc > 0, asynchronous=True)
   writer.write_hparams({k: str(v) for k, v in
@@ -195,15 +201,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     inference_ckpt.write_config(workdir, config)
   source = pipeline.make_source(
       config.data.train, shapes_cfg=config.data.shapes, role="train",
-      with_masks=config.data.with_masks,
-      require_masks=config.data.with_masks,
+      with_masks=config.data.with_masks or monitor,
+      require_masks=config.data.with_masks or monitor,
       tfds_data_dir=config.data.tfds_data_dir or None)
   if config.data.num_train_images > 0:
     source = eval_lib.Subset(source, config.data.num_train_images)
   config_lib.check_num_classes(config, source,
                                f"data.train={config.data.train}")
   train_data = _log_load_report(config, source)
-  tcfg = config_lib.transform_config(config)
+  tcfg = config_lib.transform_config(
+      config, teacher_view=step_lib.uses_teacher(config))
   train_iter = pipeline.TrainInput(
       source, tcfg, batch_size=config.data.batch_size // num_proc,
       seed=config.seed, shard_index=proc, shard_count=num_proc,

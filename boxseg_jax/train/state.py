@@ -5,6 +5,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -51,11 +52,12 @@ def ema_update(ema: Any, params: Any, step: jax.Array,
                momentum: float) -> Any:
   """``ema <- m_t ema + (1 - m_t) params`` (run *before* step ``t``).
 
-  At t = 0, m = 0: the teacher becomes the student. For t < 1/(1-m) - 1 the
-  teacher is the running mean of all student iterates so far.
+  optax's Polyak average with the varying step ``1 - m_t``. At t = 0, m = 0:
+  the teacher becomes the student. For t < 1/(1-m) - 1 the teacher is the
+  running mean of all student iterates so far.
   """
-  m = ema_momentum(step, momentum)
-  return jax.tree.map(
-      lambda e, p: (m * e.astype(jnp.float32) +
-                    (1.0 - m) * p.astype(jnp.float32)).astype(e.dtype),
-      ema, params)
+  step_size = 1.0 - ema_momentum(step, momentum)
+  new = optax.incremental_update(
+      jax.tree.map(lambda p: p.astype(jnp.float32), params),
+      jax.tree.map(lambda e: e.astype(jnp.float32), ema), step_size)
+  return jax.tree.map(lambda n, e: n.astype(e.dtype), new, ema)

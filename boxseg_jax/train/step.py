@@ -9,8 +9,9 @@ without any explicit collective; mask-branch BatchNorm statistics are
 therefore global-batch statistics (SyncBN semantics; docs/training.md).
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,11 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from boxseg_jax.evaluation import postprocess
 from boxseg_jax.losses import condinst as condinst_losses
+from boxseg_jax.losses import mask_terms
+from boxseg_jax.methods import boxteacher
+from boxseg_jax.ops import detections
 from boxseg_jax.train import state as state_lib
-
-LOSS_MODES = {"boxinst": "boxinst", "mask": "mask"}
-
 
 def normalize_image(image: jax.Array, model_cfg) -> jax.Array:
   """uint8 RGB [B, H, W, 3] -> normalised float32 in ``input_format``."""
@@ -50,9 +50,83 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       mask_head_num_layers=mc.mask_head_num_layers,
       bottom_pixels_removed=lc.bottom_pixels_removed,
       pairwise_size=lc.pairwise_size,
-      pairwise_dilation=lc.pairwise_dilation,
-      pairwise_color_thresh=lc.pairwise_color_thresh,
-      pairwise_warmup_iters=lc.pairwise_warmup_iters)
+      pairwise_dilation=lc.pairwise_dilation)
+
+
+def _boxinst_terms(config) -> Tuple[mask_terms.MaskTerm, ...]:
+  lc = config.loss
+  return (mask_terms.projection_term,
+          functools.partial(mask_terms.pairwise_term,
+                            color_thresh=lc.pairwise_color_thresh,
+                            warmup_iters=lc.pairwise_warmup_iters))
+
+
+def _gt_mask_terms(config) -> Tuple[mask_terms.MaskTerm, ...]:
+  del config
+  return (mask_terms.gt_mask_term,)
+
+
+def _boxteacher_terms(config) -> Tuple[mask_terms.MaskTerm, ...]:
+  bc = config.boxteacher
+  return _boxinst_terms(config) + (functools.partial(
+      mask_terms.boxteacher_term, mask_weight=bc.mask_weight,
+      affinity_weight=bc.affinity_weight,
+      affinity_thresh=bc.affinity_thresh, warmup_iters=bc.warmup_iters),)
+
+
+def _boxteacher_labels(config) -> Callable:
+  bc = config.boxteacher
+  cfg = boxteacher.PseudoLabelConfig(
+      iou_thresh=bc.iou_thresh, score_thresh=bc.score_thresh,
+      assign_quirk=bc.assign_quirk, mask_threshold=bc.mask_threshold)
+  return functools.partial(boxteacher.pseudo_labels, cfg=cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a method adds to the shared CondInst step.
+
+  Attributes:
+    mask_terms: ``config -> terms`` (``losses.mask_terms``).
+    pseudo_labels: ``config -> fn(teacher_dets, batch, teacher_valid) ->
+      (labels, metrics)`` for methods with a teacher (the labels join the
+      batch the terms read); None: no teacher forward.
+    needs_masks: trains on GT masks (``data.with_masks``).
+  """
+  mask_terms: Callable
+  pseudo_labels: Optional[Callable] = None
+  needs_masks: bool = False
+
+
+METHODS = {
+    "boxinst": Method(_boxinst_terms),
+    "mask": Method(_gt_mask_terms, needs_masks=True),
+    "boxteacher": Method(_boxteacher_terms, _boxteacher_labels),
+}
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(f"method: {config.method!r} not one of "
+                     f"{sorted(METHODS)}")
+  return METHODS[config.method]
+
+
+def uses_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.method`` runs a teacher forward in the step."""
+  return get_method(config).pseudo_labels is not None
+
+
+def make_detect_fn(config: ml_collections.ConfigDict) -> Callable:
+  """One image's ``detect`` at the test thresholds (``config.eval``)."""
+  ec, mc, lc = config.eval, config.model, config.loss
+  return functools.partial(
+      detections.detect, score_thresh=ec.score_thresh,
+      pre_nms_topk=ec.pre_nms_topk, nms_thresh=ec.nms_thresh,
+      max_detections=ec.max_detections, thresh_with_ctr=ec.thresh_with_ctr,
+      sizes_of_interest=tuple(lc.sizes_of_interest),
+      mask_head_channels=mc.mask_head_channels,
+      mask_head_num_layers=mc.mask_head_num_layers)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -60,15 +134,56 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def teacher_forward(model, params, batch_stats, image: jax.Array,
+                    bn_mode: str) -> Tuple[Dict[str, jax.Array], Any]:
+  """The teacher's network outputs (no gradient) and its new BN statistics.
+
+  ``bn_mode="train"``: BatchNorm on the teacher batch's statistics, which
+  also update the teacher's own running statistics (reference §4.2);
+  ``"eval"``: its running statistics, unchanged.
+  """
+  variables = {"params": jax.lax.stop_gradient(params),
+               "batch_stats": batch_stats}
+  if bn_mode == "train":
+    outputs, new_vars = model.apply(variables, image, train=True,
+                                    mutable=["batch_stats"])
+    batch_stats = new_vars["batch_stats"]
+  elif bn_mode == "eval":
+    outputs = model.apply(variables, image, train=False)
+  else:
+    raise ValueError(f"teacher.bn_mode: {bn_mode!r} (train | eval)")
+  return jax.lax.stop_gradient(outputs), batch_stats
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict) -> Callable:
-  """Returns the pure (unjitted) ``train_step(state, batch)``."""
-  if config.method not in LOSS_MODES:
-    raise ValueError(f"method: {config.method!r} not one of "
-                     f"{sorted(LOSS_MODES)}")
-  mode = LOSS_MODES[config.method]
+  """Returns the pure (unjitted) ``train_step(state, batch)``.
+
+  One step: the teacher's EMA update (§4.7); for methods with a teacher,
+  its forward on the teacher view and the method's pseudo labels; the
+  student's forward, FCOS + mask-term losses and gradients; the optax
+  update, kept only where every tensor it writes is finite.
+  """
+  method = get_method(config)
   kwargs = loss_kwargs(config)
+  terms = method.mask_terms(config)
+  detect_fn = make_detect_fn(config)
+  label_fn = (method.pseudo_labels(config) if method.pseudo_labels
+              else None)
+  view = config.teacher.view
+
+  def pseudo_labels(ema_params, ema_batch_stats, batch):
+    if view == "test_scale":
+      image, valid = batch["teacher_view"], batch["teacher_view_valid"]
+    else:
+      image, valid = batch["image_teacher"], batch["image_valid"]
+    outputs, ema_batch_stats = teacher_forward(
+        model, ema_params, ema_batch_stats,
+        normalize_image(image, config.model), config.teacher.bn_mode)
+    dets = jax.vmap(detect_fn)(outputs)
+    labels, metrics = label_fn(dets, batch, valid)
+    return labels, metrics, ema_batch_stats
 
   def train_step(state: state_lib.TrainState, batch: Dict[str, jax.Array]
                  ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
@@ -76,6 +191,12 @@ def make_train_step(model, tx: optax.GradientTransformation,
     # Teacher EMA before the update of step t (reference §4.7).
     ema_params = state_lib.ema_update(state.ema_params, state.params,
                                       state.step, config.teacher.momentum)
+    loss_batch, teacher_metrics = batch, {}
+    ema_batch_stats = state.ema_batch_stats
+    if label_fn is not None:
+      labels, teacher_metrics, ema_batch_stats = pseudo_labels(
+          ema_params, state.ema_batch_stats, batch)
+      loss_batch = {**batch, **labels}
     image = normalize_image(batch["image"], config.model)
 
     def loss_fn(params):
@@ -83,8 +204,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
       outputs, new_vars = model.apply(variables, image, train=True,
                                       mutable=["batch_stats"])
       total, aux = condinst_losses.condinst_losses(
-          outputs, None, batch, mode=mode, step=state.step, rng=rng,
-          **kwargs)
+          outputs, None, loss_batch, mask_terms=terms, step=state.step,
+          rng=rng, **kwargs)
       return total, (aux, new_vars["batch_stats"])
 
     (total, (aux, batch_stats)), grads = jax.value_and_grad(
@@ -96,26 +217,32 @@ def make_train_step(model, tx: optax.GradientTransformation,
     loss_ok = jnp.isfinite(total)
     grads_ok = _all_finite(grads)
     update_ok = (_all_finite(params) & _all_finite(opt_state) &
-                 _all_finite(batch_stats))
+                 _all_finite(batch_stats) & _all_finite(ema_batch_stats))
     ok = loss_ok & grads_ok & update_ok
 
     def keep(new, old):
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
     batch_stats = keep(batch_stats, state.batch_stats)
+    if label_fn is None:
+      # No teacher forward: the teacher's BN statistics are the student's
+      # (never the init values), so `eval.use_teacher` evaluates the EMA
+      # weights with real statistics.
+      ema_batch_stats = batch_stats
+    else:
+      ema_batch_stats = keep(ema_batch_stats, state.ema_batch_stats)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         batch_stats=batch_stats,
-        # No method here runs a teacher forward, so the teacher's BN
-        # statistics are the student's (never the init values), and
-        # `eval.use_teacher` evaluates the EMA weights with real statistics.
-        ema_batch_stats=batch_stats,
+        ema_batch_stats=ema_batch_stats,
         ema_params=ema_params,
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1))
     metrics = {k: v.astype(jnp.float32) for k, v in aux.items()}
+    metrics.update({k: jnp.asarray(v, jnp.float32)
+                    for k, v in teacher_metrics.items()})
     metrics.update(
         loss=total.astype(jnp.float32),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
@@ -131,18 +258,11 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
 def make_eval_fn(model, config: ml_collections.ConfigDict) -> Callable:
   """Returns the pure ``eval_step(params, batch_stats, image) -> dets``."""
-  ec, mc, lc = config.eval, config.model, config.loss
-  detect = functools.partial(
-      postprocess.detect, score_thresh=ec.score_thresh,
-      pre_nms_topk=ec.pre_nms_topk, nms_thresh=ec.nms_thresh,
-      max_detections=ec.max_detections, thresh_with_ctr=ec.thresh_with_ctr,
-      sizes_of_interest=tuple(lc.sizes_of_interest),
-      mask_head_channels=mc.mask_head_channels,
-      mask_head_num_layers=mc.mask_head_num_layers)
+  detect = make_detect_fn(config)
 
   def eval_step(params, batch_stats, image):
     outputs = model.apply({"params": params, "batch_stats": batch_stats},
-                          normalize_image(image, mc), train=False)
+                          normalize_image(image, config.model), train=False)
     return jax.vmap(detect)(outputs)
 
   return eval_step

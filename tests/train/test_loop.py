@@ -255,6 +255,22 @@ def test_undecodable_training_data_stops_with_a_clear_error(
     loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+def test_boxteacher_run_compiles_once_and_evaluates_the_teacher(tmp_path):
+  config = tiny_config(**{
+      "method": "boxteacher", "train.num_steps": 3,
+      "train.monitor_pseudo_labels": True, "eval.use_teacher": True,
+      "eval.rescore": True, "train.eval_at_end": True,
+      "data.test_short_size": 80, "teacher.canvas": (128, 128)})
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["compilations"] == 1
+  last = summary["last_metrics"]
+  for key in ("loss_mask", "loss_mask_affinity", "pseudo_fraction",
+              "pseudo_iou", "pseudo_flag_mean", "teacher_detections"):
+    assert key in last, key
+  assert set(summary["eval"]) == {"bbox", "segm", "segm_boxfill",
+                                  "segm_boxfill_grid"}
+
+
 def test_partial_init_from_checkpoint(straight, tmp_path):
   ref, ref_dir = straight
   config = tiny_config(**{"train.num_steps": 0, "init": ref_dir,
