@@ -30,7 +30,7 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import jax
 import numpy as np
@@ -189,7 +189,8 @@ def render(pred: Prediction, class_names: Sequence[str],
   order = np.argsort(scores, kind="stable")
   return panels.render(image, boxes[order], labels[order],
                        np.ones((n,), bool), masks=masks[order],
-                       class_names=class_names, scores=scores[order])
+                       class_names=class_names, scores=scores[order],
+                       font_size=max(10, min(image.shape[:2]) // 30))
 
 
 def _png_names(preds: Sequence[Prediction]) -> List[str]:

@@ -6,8 +6,10 @@ Trained once per test process (the first test that asks), with
 trivially zero.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +42,7 @@ def workdir():
   if "workdir" not in _CACHE:
     from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
     path = tempfile.mkdtemp(prefix="boxseg_tiny_trained_")
+    atexit.register(shutil.rmtree, path, True)
     summary = loop.train_and_evaluate(tiny_config(), path)
     assert summary["final_step"] == STEPS
     _CACHE["workdir"] = path

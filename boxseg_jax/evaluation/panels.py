@@ -4,7 +4,7 @@ import colorsys
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def class_color(label: int) -> tuple:
@@ -17,7 +17,8 @@ def render(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
            valid: np.ndarray, *, masks: Optional[np.ndarray] = None,
            image_valid: Optional[np.ndarray] = None,
            class_names: Sequence[str] = (),
-           scores: Optional[np.ndarray] = None) -> Image.Image:
+           scores: Optional[np.ndarray] = None,
+           font_size: Optional[int] = None) -> Image.Image:
   """Draws instances on one image.
 
   Args:
@@ -29,6 +30,8 @@ def render(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     image_valid: optional bool [H, W]; padding is drawn dark grey.
     class_names: names for the captions (else the index).
     scores: optional [N] scores appended to the captions.
+    font_size: draw captions in this size on a filled box of the class
+      colour (readable on photos); None: PIL's small default font.
   """
   img = image.astype(np.float32).copy()
   if image_valid is not None:
@@ -40,6 +43,7 @@ def render(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
       img[m] = 0.55 * img[m] + 0.45 * col
   pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(pil)
+  font = ImageFont.load_default(size=font_size) if font_size else None
   for j in np.nonzero(valid)[0]:
     col = class_color(int(labels[j]))
     x0, y0, x1, y1 = (float(v) for v in boxes[j])
@@ -49,5 +53,10 @@ def render(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
             str(int(labels[j])))
     if scores is not None:
       name += f" {float(scores[j]):.2f}"
-    draw.text((x0 + 2, y0 + 1), name, fill=col)
+    if font is None:
+      draw.text((x0 + 2, y0 + 1), name, fill=col)
+    else:
+      left, top, right, bottom = draw.textbbox((x0, y0), name, font=font)
+      draw.rectangle([left - 1, top - 1, right + 2, bottom + 1], fill=col)
+      draw.text((x0, y0), name, fill=(0, 0, 0), font=font)
   return pil

@@ -236,8 +236,8 @@ def test_mis_shaped_and_unexpected_keys_are_named():
     weights.convert_object(sd, "torchvision", "f")
   sd = dict(fake_torch.zero_arrays(resnet_conv.torchvision_key_shapes(50)))
   sd["layer1.0.se.fc1.weight"] = np.zeros((4, 4), np.float32)
-  with pytest.raises(common.ConversionError,
-                     match=r"1 unexpected key\(s\): layer1\.0\.se\.fc1\.weight"):
+  with pytest.raises(common.ConversionError, match=(
+      r"1 unexpected key\(s\): layer1\.0\.se\.fc1\.weight")):
     weights.convert_object(sd, "torchvision", "f")
   conv = weights.convert_object(sd, "torchvision", "f", allow_unexpected=True)
   assert conv.report.unexpected == ["layer1.0.se.fc1.weight"]

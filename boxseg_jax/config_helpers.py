@@ -1,0 +1,60 @@
+"""Config helpers that derive several values from one decision.
+
+``scale_to_batch_size(config, batch_size)``: the published recipes use 16
+images per step (8 GPUs x 2). On a smaller machine, keep the number of
+*images* seen and the learning rate per image (the linear scaling rule of
+Goyal et al. 2017, which detectron2's ``DefaultTrainer.auto_scale_workers``
+applies), with ``k = batch_size / config.data.batch_size``:
+
+* ``data.batch_size``   <- ``batch_size``
+* ``optim.base_lr``     <- ``base_lr * k``
+* every duration in steps is divided by ``k`` (rounded):
+  ``train.num_steps``, ``optim.lr_boundaries``, ``optim.warmup_steps``,
+  ``train.eval_every_steps``, ``ckpt.every_steps``,
+  ``loss.pairwise_warmup_iters``;
+* ``teacher.momentum``  <- ``momentum ** k``, so the EMA teacher averages
+  over the same number of images (its time constant ``1 / (1 - m)`` is in
+  steps);
+* ``data.eval_batch_size`` is left alone (evaluation does not train).
+
+E.g. BoxInst R-50 1x at batch 4: lr 0.0025, 360k steps, decays at 240k and
+320k, warm-up 4000 steps, EMA momentum 0.99975. The rule is for SGD; for
+AdamW it is a first guess (square-root scaling of the learning rate is
+the other common choice). Small batches also change BatchNorm statistics of
+the mask branch (computed over the global batch here).
+"""
+
+import ml_collections
+
+STEP_FIELDS = (("train", "num_steps"), ("optim", "warmup_steps"),
+               ("train", "eval_every_steps"), ("ckpt", "every_steps"),
+               ("loss", "pairwise_warmup_iters"))
+
+
+def scale_to_batch_size(config: ml_collections.ConfigDict,
+                        batch_size: int) -> ml_collections.ConfigDict:
+  """Rescales learning rate and schedule to ``batch_size`` (in place).
+
+  Args:
+    config: a config whose ``data.batch_size`` is the recipe's (16 for
+      the published ones).
+    batch_size: the global batch size to train with.
+
+  Returns:
+    ``config`` (modified in place, for chaining in ``get_config``).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  k = batch_size / config.data.batch_size
+
+  def steps(v: int) -> int:
+    return max(int(round(v / k)), 1) if v > 0 else v
+
+  config.data.batch_size = int(batch_size)
+  config.optim.base_lr = config.optim.base_lr * k
+  for group, field in STEP_FIELDS:
+    config[group][field] = steps(config[group][field])
+  config.optim.lr_boundaries = tuple(steps(b)
+                                     for b in config.optim.lr_boundaries)
+  config.teacher.momentum = float(config.teacher.momentum ** k)
+  return config
