@@ -171,6 +171,9 @@ def condinst_losses(outputs: dict,
                     sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
                     center_sampling_radius: float = 1.5,
                     box_quality: str = 'ctrness',
+                    cls_loss: str = 'focal',
+                    vfl_alpha: float = 0.25,
+                    vfl_gamma: float = 2.0,
                     mask_feat_stride: int = 8,
                     mask_out_stride: int = 4,
                     mask_head_channels: int = 8,
@@ -210,6 +213,9 @@ def condinst_losses(outputs: dict,
     sizes_of_interest: FCOS size thresholds (also the mask-head soi).
     center_sampling_radius: FCOS center sampling radius (targets=None).
     box_quality: `'ctrness'` or `'iou'` (see `fcos_losses`).
+    cls_loss: `'focal'` or `'varifocal'` (see `fcos_losses`).
+    vfl_alpha: varifocal α.
+    vfl_gamma: varifocal γ.
     mask_feat_stride: stride of `mask_feats` (8).
     mask_out_stride: stride of the mask logits (4).
     mask_head_channels: dynamic head width (8).
@@ -255,6 +261,8 @@ def condinst_losses(outputs: dict,
         center_sampling_radius=center_sampling_radius)
 
   aux = fcos_losses(outputs, targets, example_valid, box_quality=box_quality,
+                    cls_loss=cls_loss, vfl_alpha=vfl_alpha,
+                    vfl_gamma=vfl_gamma,
                     cls_location_weight=cls_location_weight)
 
   # Instance selection (no gradient through the choice).

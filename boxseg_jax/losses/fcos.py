@@ -1,4 +1,5 @@
-"""FCOS losses (reference §1.5): focal classification, GIoU box, box quality.
+"""FCOS losses (reference §1.5): focal or varifocal classification, GIoU box,
+box quality.
 
 All functions take the GLOBAL batch (`[B, L, ...]`) inside one jitted program,
 so the reference's all-reduced normalisers become global sums/counts:
@@ -15,8 +16,10 @@ from boxseg_jax.targets import ctrness_target
 
 __all__ = [
     'binary_cross_entropy_with_logits', 'ctrness_target', 'fcos_losses',
-    'iou_giou_ltrb', 'sigmoid_focal_loss',
+    'iou_giou_ltrb', 'sigmoid_focal_loss', 'varifocal_loss',
 ]
+
+CLS_LOSSES = ('focal', 'varifocal')
 
 
 def binary_cross_entropy_with_logits(logits: jnp.ndarray,
@@ -43,6 +46,21 @@ def sigmoid_focal_loss(logits: jnp.ndarray, targets: jnp.ndarray,
   return loss
 
 
+def varifocal_loss(logits: jnp.ndarray, targets: jnp.ndarray,
+                   alpha: float = 0.25, gamma: float = 2.0) -> jnp.ndarray:
+  """Elementwise varifocal loss (VarifocalNet; BoxSeg `vfl_loss`, §4C.3).
+
+  `ℓ = BCE(z, t) · w` with `w = t` where `t > 0` (IoU-valued targets of the
+  positives' classes) and `w = α |σ(z) - t|^γ = α σ(z)^γ` elsewhere. As in
+  the reference, the negatives' weight is not detached. BoxSeg's code uses
+  FCOS's `α = 0.25`; VarifocalNet's own default is 0.75.
+  """
+  p = jax.nn.sigmoid(logits)
+  weight = jnp.where(targets > 0, targets,
+                     alpha * jnp.abs(p - targets) ** gamma)
+  return binary_cross_entropy_with_logits(logits, targets) * weight
+
+
 def fcos_losses(outputs: dict,
                 targets: dict,
                 example_valid: jnp.ndarray | None = None,
@@ -50,6 +68,9 @@ def fcos_losses(outputs: dict,
                 box_quality: str = 'ctrness',
                 focal_alpha: float = 0.25,
                 focal_gamma: float = 2.0,
+                cls_loss: str = 'focal',
+                vfl_alpha: float = 0.25,
+                vfl_gamma: float = 2.0,
                 cls_location_weight: jnp.ndarray | None = None) -> dict:
   """FCOS losses over the global batch.
 
@@ -66,6 +87,13 @@ def fcos_losses(outputs: dict,
       and unweighted GIoU loss / num_pos_avg.
     focal_alpha: focal α.
     focal_gamma: focal γ.
+    cls_loss: `'focal'` (one-hot targets) or `'varifocal'` (BoxSeg, §4C.3:
+      the positives' class target is the detached IoU of the predicted box
+      with its GT box, `compute_ious` on the ltrb distances, 0 elsewhere;
+      `varifocal_loss`), both summed and divided by `num_pos_avg`; the
+      result is `loss_fcos_cls` either way.
+    vfl_alpha: varifocal α (0.25 as BoxSeg's code; VarifocalNet: 0.75).
+    vfl_gamma: varifocal γ.
     cls_location_weight: optional `[B, L]` weight of each location's focal
       loss (summed over classes), e.g. DropLoss; the normaliser is unchanged.
 
@@ -89,17 +117,26 @@ def fcos_losses(outputs: dict,
   num_pos = pos_f.sum()
   num_pos_avg = jnp.maximum(num_pos, 1.0)
 
-  labels = jnp.where(positive, targets['labels'], num_classes)
-  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  focal = sigmoid_focal_loss(cls_logits, one_hot, focal_alpha, focal_gamma)
-  loss_cls = (focal.sum(-1) * loc_weight).sum() / num_pos_avg
-
   # Non-positive locations get a dummy unit target so that GIoU (no eps in C)
   # and its gradient stay finite; they are masked out below.
   reg_targets = jnp.where(positive[..., None],
                           targets['reg_targets'].astype(jnp.float32), 1.0)
   ious, gious = iou_giou_ltrb(reg, reg_targets)
   giou_loss = 1.0 - gious
+
+  labels = jnp.where(positive, targets['labels'], num_classes)
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if cls_loss == 'focal':
+    per_entry = sigmoid_focal_loss(cls_logits, one_hot, focal_alpha,
+                                   focal_gamma)
+  elif cls_loss == 'varifocal':
+    iou_t = jax.lax.stop_gradient(jnp.where(positive, ious, 0.0))
+    per_entry = varifocal_loss(cls_logits, one_hot * iou_t[..., None],
+                               vfl_alpha, vfl_gamma)
+  else:
+    raise ValueError(f'cls_loss must be one of {CLS_LOSSES}, got '
+                     f'{cls_loss!r}')
+  loss_cls = (per_entry.sum(-1) * loc_weight).sum() / num_pos_avg
 
   if box_quality == 'ctrness':
     ctr_t = jnp.where(positive, targets['ctrness'].astype(jnp.float32), 0.0)
