@@ -202,22 +202,47 @@ def pseudo_labels(dets: dict, batch: dict, teacher_valid: jnp.ndarray,
   out = jax.vmap(lambda d, sv, tv, b, g: pseudo_labels_one(
       d, sv, tv, b, g, cfg))(dets, batch['image_valid'], teacher_valid,
                              batch['boxes'], gt_valid)
-  has = (out['match'] >= 0) & gt_valid
-  has_f = has.astype(jnp.float32)
+  metrics = label_metrics(out['match'] >= 0, out['pseudo_flags'],
+                          out['pseudo_masks'], gt_valid,
+                          out['num_detections'], batch)
+  labels = {'pseudo_masks': out['pseudo_masks'],
+            'pseudo_flags': out['pseudo_flags']}
+  return labels, metrics
+
+
+def label_metrics(has: jnp.ndarray, flags: jnp.ndarray, masks: jnp.ndarray,
+                  gt_valid: jnp.ndarray, num_detections: jnp.ndarray,
+                  batch: dict) -> dict:
+  """The honesty metrics of a batch's pseudo labels (BoxTeacher, QAM).
+
+  Args:
+    has: `[B, N]` bool, GTs given a pseudo mask.
+    flags: `[B, N]` their flags.
+    masks: `[B, N, h, w]` the pseudo masks.
+    gt_valid: `[B, N]` bool, valid GTs of valid examples.
+    num_detections: `[B]` teacher detections (or candidates) per image.
+    batch: the batch; its optional `monitor_masks [B, N, h, w]` (GT masks
+      no loss reads) give `pseudo_iou`.
+
+  Returns:
+    `pseudo_fraction` (GTs with a pseudo mask), `pseudo_flag_mean` (mean
+    flag over those), `teacher_detections` (per image) and, with
+    `monitor_masks`, `pseudo_iou` (mean IoU of the pseudo masks with the GT
+    masks over GTs with a pseudo mask), all without gradient.
+  """
+  has_f = (has & gt_valid).astype(jnp.float32)
   num_has = jnp.maximum(has_f.sum(), 1.0)
   metrics = {
       'pseudo_fraction': has_f.sum() / jnp.maximum(
           gt_valid.astype(jnp.float32).sum(), 1.0),
-      'pseudo_flag_mean': (out['pseudo_flags'] * has_f).sum() / num_has,
-      'teacher_detections': out['num_detections'].mean(),
+      'pseudo_flag_mean': (flags * has_f).sum() / num_has,
+      'teacher_detections': num_detections.astype(jnp.float32).mean(),
   }
   if 'monitor_masks' in batch:
     gt = batch['monitor_masks'].astype(jnp.float32)
-    pm = out['pseudo_masks']
+    pm = masks.astype(jnp.float32)
     inter = (gt * pm).sum((-2, -1))
     union = jnp.maximum(gt, pm).sum((-2, -1))
     iou = inter / jnp.maximum(union, 1.0)
     metrics['pseudo_iou'] = (iou * has_f).sum() / num_has
-  labels = {'pseudo_masks': out['pseudo_masks'],
-            'pseudo_flags': out['pseudo_flags']}
-  return labels, jax.lax.stop_gradient(metrics)
+  return jax.lax.stop_gradient(metrics)
