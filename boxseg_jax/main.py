@@ -11,7 +11,9 @@ coordinator comes from the environment (TPU pods, SLURM) or from
 
 Errors of ours (a bad dataset, config field or checkpoint) print one line
 and exit with status 2; ``--traceback`` shows the full traceback
-(``boxseg_jax/cli.py``).
+(``boxseg_jax/cli.py``). The console shows one progress line per log period
+and the evaluation tables; ``--verbosity=1`` adds every library's INFO
+lines (``boxseg_jax/console.py``).
 """
 
 import json
@@ -23,6 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from boxseg_jax import cli
+from boxseg_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -36,27 +39,20 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Optional.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Optional.")
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of Orbax's internals (kept: warnings and errors)."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in (
-        record.pathname or "")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietLibraries())
+  console.install_filters()
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  # TensorFlow is only used by CLU's writer and TFDS: keep it off devices.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  # TensorFlow is only used by CLU's writer and TFDS: keep it off devices,
+  # and keep its import banners off the console.
+  with console.quiet_stderr():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
   from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(),
                jax.process_index(), jax.process_count())

@@ -22,6 +22,7 @@ from clu import metrics as clu_metrics
 from clu import periodic_actions
 
 from boxseg_jax import config as config_lib
+from boxseg_jax import console
 from boxseg_jax.data import features
 from boxseg_jax.data import pipeline
 from boxseg_jax.train import checkpoint as ckpt_lib
@@ -264,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   summary["train_data"] = train_data
   step = start_step
   t_start = time.time()
+  t_log, step_log = time.time(), start_step
   try:
     while step < total:
       # Waiting for input still reacts to SIGTERM (a stalled or failing
@@ -295,6 +297,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         values["updates_skipped_total"] = float(
             jax.device_get(state.num_skipped))
         writer.write_scalars(step, values)
+        now = time.time()
+        if proc == 0:
+          print(console.progress_line(
+              step, total, values, (step - step_log) / max(now - t_log,
+                                                           1e-9)),
+                flush=True)
+        t_log, step_log = now, step
         summary["last_metrics"] = values
         summary["history"].append((step, values))
         collection = None
