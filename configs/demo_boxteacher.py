@@ -1,8 +1,8 @@
 r"""Demo: BoxTeacher (boxes only) on the built-in `shapes` data, 2 CPU cores.
 
-configs/demo.py (same data, model, schedule, seed and steps) with the EMA
-teacher labelling every GT box with a pseudo mask inside the train step
-(reference §4): noise-aware pixel and affinity losses on top of BoxInst's
+configs/demo_boxinst.py (same data, model, schedule, seed and steps) with
+the EMA teacher labelling every GT box with a pseudo mask inside the train
+step (reference §4): noise-aware pixel and affinity losses on top of BoxInst's
 projection and pairwise terms; evaluated as the reference does (the
 teacher, mask-aware rescored).
 
@@ -19,7 +19,8 @@ import os
 
 def get_config(arg=None):
   spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(__file__), "demo.py"))
+      "demo_boxinst", os.path.join(os.path.dirname(__file__),
+                                   "demo_boxinst.py"))
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   c = demo.get_config(arg)

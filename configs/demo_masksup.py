@@ -1,4 +1,4 @@
-r"""Demo upper bound: configs/demo.py with GT-mask supervision (dice loss).
+r"""Demo upper bound: configs/demo_boxinst.py with GT-mask supervision (dice).
 
 Same data, model, schedule and budget as the box-supervised demo; the masks
 it sees in training make it the ceiling the demo is compared against.
@@ -13,7 +13,8 @@ import os
 
 def get_config(arg=None):
   spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(__file__), "demo.py"))
+      "demo_boxinst", os.path.join(os.path.dirname(__file__),
+                                   "demo_boxinst.py"))
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   c = demo.get_config(arg)

@@ -1,5 +1,6 @@
 """Every config loads and validates; overrides type-check; tuple fields are
-checked (length, types) naming the field; demo_masksup = demo + masks."""
+checked (length, types) naming the field; demo_masksup = demo_boxinst +
+masks; demo (BoxSeg) = demo_boxteacher + QAM; every ladder variant loads."""
 
 import glob
 import importlib.util
@@ -13,12 +14,12 @@ from boxseg_jax import config as config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(path):
+def load(path, arg=None):
   spec = importlib.util.spec_from_file_location(
       os.path.basename(path)[:-3], path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(arg)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(
@@ -31,11 +32,47 @@ def test_config_loads(path):
 
 
 def test_masksup_differs_from_demo_only_in_supervision():
-  demo = load(os.path.join(REPO, "configs", "demo.py")).to_dict()
+  demo = load(os.path.join(REPO, "configs", "demo_boxinst.py")).to_dict()
   sup = load(os.path.join(REPO, "configs", "demo_masksup.py")).to_dict()
   assert sup.pop("method") == "mask" and demo.pop("method") == "boxinst"
   assert sup["data"].pop("with_masks") and not demo["data"].pop("with_masks")
   assert sup == demo
+
+
+def test_demo_is_boxteacher_demo_plus_qam():
+  demo = load(os.path.join(REPO, "configs", "demo.py")).to_dict()
+  bt = load(os.path.join(REPO, "configs", "demo_boxteacher.py")).to_dict()
+  assert demo.pop("method") == "boxseg" and bt.pop("method") == "boxteacher"
+  assert demo["loss"].pop("cls_loss") == "varifocal"
+  assert bt["loss"].pop("cls_loss") == "focal"
+  assert demo == bt
+
+
+@pytest.mark.parametrize("name", ["demo.py", "coco_boxseg_r50_1x.py",
+                                  "coco_boxseg_r50_3x.py", "voc_boxseg_r50.py"])
+@pytest.mark.parametrize("variant", sorted(config_lib.BOXSEG_VARIANTS))
+def test_every_ladder_variant_loads(name, variant):
+  c = load(os.path.join(REPO, "configs", name), variant)
+  config_lib.validate(c)
+  full = load(os.path.join(REPO, "configs", name))
+  want = {"no_pseudo": "boxinst", "bpma": "boxteacher"}.get(variant,
+                                                           "boxseg")
+  assert c.method == want
+  # Only the pseudo labels change along the ladder.
+  assert c.loss.cls_loss == full.loss.cls_loss == "varifocal"
+  assert c.eval.use_teacher and c.data == full.data
+
+
+def test_code_config_switches_every_qam_option():
+  c = load(os.path.join(REPO, "configs", "boxseg_code_r50_1x.py"))
+  paper = load(os.path.join(REPO, "configs", "coco_boxseg_r50_1x.py"))
+  diff = {k for k in c.qam if c.qam[k] != paper.qam[k]}
+  assert diff == {"k_mode", "box_score", "fusion", "mqs"}
+  assert (c.qam.k, c.qam.tau, c.qam.min_iou) == (20, 0.1, 0.5)
+  assert (c.data.photometric, paper.data.photometric) == ("strong",
+                                                          "strongv2")
+  with pytest.raises(ValueError, match="BoxSeg variant"):
+    load(os.path.join(REPO, "configs", "demo.py"), "nms")
 
 
 def test_locked_config_rejects_unknown_keys():

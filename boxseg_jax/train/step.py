@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from boxseg_jax.losses import condinst as condinst_losses
 from boxseg_jax.losses import mask_terms
 from boxseg_jax.methods import boxteacher
+from boxseg_jax.methods import qam
 from boxseg_jax.ops import detections
 from boxseg_jax.train import state as state_lib
 
@@ -46,6 +47,9 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       sizes_of_interest=tuple(lc.sizes_of_interest),
       center_sampling_radius=lc.center_sampling_radius,
       box_quality=mc.box_quality,
+      cls_loss=lc.cls_loss,
+      vfl_alpha=lc.vfl_alpha,
+      vfl_gamma=lc.vfl_gamma,
       mask_head_channels=mc.mask_head_channels,
       mask_head_num_layers=mc.mask_head_num_layers,
       bottom_pixels_removed=lc.bottom_pixels_removed,
@@ -82,26 +86,66 @@ def _boxteacher_labels(config) -> Callable:
   return functools.partial(boxteacher.pseudo_labels, cfg=cfg)
 
 
+def _qam_labels(config) -> Callable:
+  q, ec, mc, lc = config.qam, config.eval, config.model, config.loss
+  cfg = qam.QAMConfig(
+      k_mode=q.k_mode, k=q.k, k_min=q.k_min, k_max=q.k_max,
+      k_small=q.k_small, k_large=q.k_large, k_interp=q.k_interp,
+      k_area=q.k_area, min_iou=q.min_iou, class_agnostic=q.class_agnostic,
+      box_score=q.box_score, tau=q.tau, fusion=q.fusion, mqs=q.mqs,
+      mask_threshold=q.mask_threshold, score_thresh=ec.score_thresh,
+      pre_nms_topk=ec.pre_nms_topk, thresh_with_ctr=ec.thresh_with_ctr,
+      sizes_of_interest=tuple(lc.sizes_of_interest),
+      mask_head_channels=mc.mask_head_channels,
+      mask_head_num_layers=mc.mask_head_num_layers)
+  return functools.partial(qam.pseudo_labels, cfg=cfg)
+
+
+def _teacher_detections(config) -> Callable:
+  detect_fn = make_detect_fn(config)
+  return jax.vmap(detect_fn)
+
+
+def _teacher_raw_outputs(config) -> Callable:
+  del config
+  return lambda outputs: outputs
+
+
+# What a method's pseudo labels read of the teacher's forward: its
+# detections at the test thresholds (NMS, <= eval.max_detections per image)
+# or its raw network outputs (BoxSeg's QAM selects pre-NMS candidates).
+TEACHER_READS = {
+    "detections": _teacher_detections,
+    "outputs": _teacher_raw_outputs,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """What a method adds to the shared CondInst step.
 
   Attributes:
     mask_terms: ``config -> terms`` (``losses.mask_terms``).
-    pseudo_labels: ``config -> fn(teacher_dets, batch, teacher_valid) ->
+    pseudo_labels: ``config -> fn(teacher, batch, teacher_valid) ->
       (labels, metrics)`` for methods with a teacher (the labels join the
-      batch the terms read); None: no teacher forward.
+      batch the terms read); ``teacher`` is what ``teacher_reads`` names;
+      None: no teacher forward.
     needs_masks: trains on GT masks (``data.with_masks``).
+    teacher_reads: a key of ``TEACHER_READS``.
   """
   mask_terms: Callable
   pseudo_labels: Optional[Callable] = None
   needs_masks: bool = False
+  teacher_reads: str = "detections"
 
 
 METHODS = {
     "boxinst": Method(_boxinst_terms),
     "mask": Method(_gt_mask_terms, needs_masks=True),
     "boxteacher": Method(_boxteacher_terms, _boxteacher_labels),
+    # BoxSeg: QAM pseudo labels, BoxTeacher's quality-weighted losses.
+    "boxseg": Method(_boxteacher_terms, _qam_labels,
+                     teacher_reads="outputs"),
 }
 
 
@@ -155,6 +199,30 @@ def teacher_forward(model, params, batch_stats, image: jax.Array,
   return jax.lax.stop_gradient(outputs), batch_stats
 
 
+def make_pseudo_label_fn(model, config: ml_collections.ConfigDict
+                         ) -> Callable:
+  """Returns ``fn(ema_params, ema_batch_stats, batch) -> (labels, metrics,
+  ema_batch_stats)``: the teacher forward on its view and the method's
+  pseudo labels (methods with a teacher only)."""
+  method = get_method(config)
+  read_fn = TEACHER_READS[method.teacher_reads](config)
+  label_fn = method.pseudo_labels(config)
+  view = config.teacher.view
+
+  def fn(ema_params, ema_batch_stats, batch):
+    if view == "test_scale":
+      image, valid = batch["teacher_view"], batch["teacher_view_valid"]
+    else:
+      image, valid = batch["image_teacher"], batch["image_valid"]
+    outputs, ema_batch_stats = teacher_forward(
+        model, ema_params, ema_batch_stats,
+        normalize_image(image, config.model), config.teacher.bn_mode)
+    labels, metrics = label_fn(read_fn(outputs), batch, valid)
+    return labels, metrics, ema_batch_stats
+
+  return fn
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict) -> Callable:
@@ -168,22 +236,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
   method = get_method(config)
   kwargs = loss_kwargs(config)
   terms = method.mask_terms(config)
-  detect_fn = make_detect_fn(config)
-  label_fn = (method.pseudo_labels(config) if method.pseudo_labels
+  label_fn = (make_pseudo_label_fn(model, config) if method.pseudo_labels
               else None)
-  view = config.teacher.view
-
-  def pseudo_labels(ema_params, ema_batch_stats, batch):
-    if view == "test_scale":
-      image, valid = batch["teacher_view"], batch["teacher_view_valid"]
-    else:
-      image, valid = batch["image_teacher"], batch["image_valid"]
-    outputs, ema_batch_stats = teacher_forward(
-        model, ema_params, ema_batch_stats,
-        normalize_image(image, config.model), config.teacher.bn_mode)
-    dets = jax.vmap(detect_fn)(outputs)
-    labels, metrics = label_fn(dets, batch, valid)
-    return labels, metrics, ema_batch_stats
 
   def train_step(state: state_lib.TrainState, batch: Dict[str, jax.Array]
                  ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
@@ -194,7 +248,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
     loss_batch, teacher_metrics = batch, {}
     ema_batch_stats = state.ema_batch_stats
     if label_fn is not None:
-      labels, teacher_metrics, ema_batch_stats = pseudo_labels(
+      labels, teacher_metrics, ema_batch_stats = label_fn(
           ema_params, state.ema_batch_stats, batch)
       loss_batch = {**batch, **labels}
     image = normalize_image(batch["image"], config.model)

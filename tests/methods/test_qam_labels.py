@@ -1,4 +1,4 @@
-"""BoxSeg's Quality-Aware Module (reference §4B, §4C.4) from hand-made cases."""
+"""BoxSeg's Quality-Aware Module (§4B, §4C.4) from hand-made cases."""
 
 import math
 

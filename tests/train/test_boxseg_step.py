@@ -1,0 +1,112 @@
+"""The BoxSeg (QAM) train step: pseudo labels from the teacher's pre-NMS
+candidates reach the quality-weighted mask loss, and the step compiles once
+(the teacher's forward is BoxTeacher's, whose missing gradient
+tests/train/test_step.py checks).
+
+One tiny model (configs/tiny.py) with the teacher's test-scale view on its
+own canvas; thresholds are opened (candidate score 0, IoU 0, τ 0) so that a
+randomly initialised teacher (σ(cls) ≈ the 0.01 prior) still labels GTs.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from boxseg_jax import config as config_lib
+from boxseg_jax.data import features
+from boxseg_jax.data import pipeline
+from boxseg_jax.train import loop
+from boxseg_jax.train import models
+from boxseg_jax.train import optim
+from boxseg_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def _config():
+  spec = importlib.util.spec_from_file_location(
+      "tiny", os.path.join(REPO, "configs", "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.method = "boxseg"
+  c.loss.cls_loss = "varifocal"
+  c.eval.score_thresh = 0.0
+  c.qam.min_iou = 0.0
+  c.qam.tau = 0.0
+  c.boxteacher.warmup_iters = 1
+  c.data.test_short_size = 80
+  c.teacher.canvas = (128, 128)
+  c.train.monitor_pseudo_labels = True
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = _config()
+  model = models.build_model(config)
+  mesh = step_lib.make_mesh(1)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(config.data.canvas) +
+                                       (3,)), train=False))
+  tx, schedule = optim.make_optimizer(
+      config.optim, models.trainable_mask(config, abstract["params"]))
+  state = loop.init_state(config, model, tx, mesh)
+  state = state.replace(
+      ema_params=jax.tree.map(lambda p: p * 1.01, state.ema_params))
+  src = pipeline.make_source(config.data.train,
+                             shapes_cfg=config.data.shapes, with_masks=True)
+  tcfg = config_lib.transform_config(config, teacher_view=True)
+  it = pipeline.TrainInput(src, tcfg, batch_size=config.data.batch_size,
+                           seed=0)
+  batches = [{k: jnp.asarray(v) for k, v in
+              features.device_batch(next(it)).items()} for _ in range(2)]
+  traces = [0]
+  raw = step_lib.make_train_step(model, tx, schedule, config)
+
+  def counted(s, b):
+    traces[0] += 1
+    return raw(s, b)
+
+  return dict(config=config, model=model, state=state, batches=batches,
+              step_fn=jax.jit(counted), traces=traces,
+              labels_fn=jax.jit(step_lib.make_pseudo_label_fn(model,
+                                                              config)))
+
+
+def test_qam_labels_are_not_vacuous(setup):
+  s = setup
+  batch = s["batches"][0]
+  labels, metrics, _ = s["labels_fn"](s["state"].ema_params,
+                                      s["state"].ema_batch_stats, batch)
+  gt_valid = np.asarray(batch["instance_valid"])
+  n = s["config"].data.max_instances
+  assert labels["pseudo_masks"].shape == (4, n, 24, 24)
+  flags = np.asarray(labels["pseudo_flags"])
+  assert (flags[gt_valid] > 0).mean() > 0.5
+  assert not flags[~gt_valid].any()
+  for key in ("pseudo_fraction", "pseudo_flag_mean", "pseudo_iou",
+              "teacher_detections", "qam_candidates_per_gt"):
+    assert key in metrics, key
+  assert float(metrics["pseudo_fraction"]) > 0.5
+  # No NMS: every pre-NMS candidate of the 128x128 teacher canvas counts.
+  assert float(metrics["teacher_detections"]) > 100
+  assert 1 <= float(metrics["qam_candidates_per_gt"]) <= 10
+
+
+def test_step_compiles_once_and_trains_the_mask_loss(setup):
+  s = setup
+  state = s["state"]
+  for batch in s["batches"]:
+    state, metrics = s["step_fn"](state, batch)
+    assert float(metrics["update_skipped"]) == 0
+    assert float(metrics["loss_mask"]) > 0
+    assert float(metrics["loss_mask_affinity"]) > 0
+    assert float(metrics["num_pseudo_masks"]) > 0
+    assert np.isfinite(float(metrics["loss_fcos_cls"]))
+  assert s["traces"][0] == 1
