@@ -1,22 +1,25 @@
 r"""Benchmark: the whole train step of each method, against BoxInst's.
 
 Times the jitted, donated `train_step` the trainer runs (teacher EMA,
-teacher forward + detections + pseudo labels for BoxTeacher, student
-forward/backward, losses, optax update) on real batches from the input
-pipeline, for `--methods` (default boxinst and boxteacher), and prints each
-method's median step time over BoxInst's, measured in the same run. Two
-setups:
+teacher forward + detections or pre-NMS candidates + pseudo labels for
+BoxTeacher / BoxSeg, student forward/backward, losses, optax update) on
+real batches from the input pipeline, for `--methods` (default boxinst,
+boxteacher and boxseg), and prints each method's median step time over
+BoxInst's, measured in the same run. Two setups:
 
-* `demo`: configs/demo.py (shapes, 128x128, batch 8; the BoxTeacher demo
-  settings from configs/demo_boxteacher.py);
+* `demo`: each method's demo config (shapes, 128x128, batch 8):
+  configs/demo_boxinst.py, demo_boxteacher.py and demo.py (BoxSeg);
 * `coco_r50`: ResNet-50-FPN at the COCO canvas 1344x1344 with the teacher's
   test-scale view on its own 1344x1344 canvas, photos from coco-mini
-  (`--coco_root`), batch `--batch` (2 on a CPU).
+  (`--coco_root`), batch `--batch` (2 on a CPU): configs/
+  coco_boxteacher_r50_1x.py (BoxInst: the same without colour
+  augmentation) and coco_boxseg_r50_1x.py.
 
 A randomly initialised teacher finds no detection above the 0.05 test
 threshold, which would make its NMS and assignment free; `--teacher_score`
 (default 0) opens the threshold so the teacher keeps a full 100 detections
-per image, as a trained one does.
+per image, as a trained one does (and QAM every pre-NMS candidate; its
+selected `[N, K_max]` candidates cost the same whatever their scores).
 
 Usage:
   python benchmarks/method_step.py --setup=demo
@@ -53,12 +56,17 @@ def _load_config(name):
   return mod.get_config()
 
 
+DEMO_CONFIGS = {"boxinst": "demo_boxinst", "boxteacher": "demo_boxteacher",
+                "boxseg": "demo"}
+COCO_CONFIGS = {"boxseg": "coco_boxseg_r50_1x"}
+
+
 def make_config(setup, method, args):
   if setup == "demo":
-    c = _load_config("demo_boxteacher" if method == "boxteacher" else "demo")
+    c = _load_config(DEMO_CONFIGS.get(method, "demo_boxinst"))
     c.train.monitor_pseudo_labels = False
   else:
-    c = _load_config("coco_boxteacher_r50_1x")
+    c = _load_config(COCO_CONFIGS.get(method, "coco_boxteacher_r50_1x"))
     c.data.train = f"coco:{args.coco_root}:train2017"
     c.data.val = f"coco:{args.coco_root}:val2017"
     c.data.batch_size = args.batch
@@ -115,7 +123,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--setup", default="demo", choices=("demo",
                                                           "coco_r50"))
-  parser.add_argument("--methods", default="boxinst,boxteacher")
+  parser.add_argument("--methods", default="boxinst,boxteacher,boxseg")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--steps", type=int, default=5)

@@ -1,0 +1,141 @@
+r"""The BoxSeg ablation ladder (paper Table 4, Table 7, the code's QAM).
+
+Trains every `--variants` row of `config.BOXSEG_VARIANTS` (no_pseudo,
+bpma, bqr, bqr_qmf, full = bqr_qmf_mqs, fixed_k, qam_code) with every seed
+of `--seeds`, on one of two data sets, and prints one table: segm AP, the
+two box-fill baselines (the same detections with boxes filled as masks:
+what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
+GT masks at the end of training, per run and averaged over seeds.
+
+* `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 10
+  minutes per run on 2 CPU cores; 7 variants x 1 seed: ~70 minutes);
+* `--data=coco_mini`: benchmarks/overfit_coco_mini.py's 16 photos with
+  `boxseg:VARIANT` (`--steps`, default 600).
+
+Every row keeps BoxSeg's other settings (varifocal loss, teacher
+inference, schedule, seed), so only the pseudo labels differ.
+
+  python benchmarks/boxseg_ladder.py --data=shapes --seeds=0
+  python benchmarks/boxseg_ladder.py --data=coco_mini --seeds=0,1,2
+
+Writes JSON to benchmarks/results/boxseg_ladder_<data>.json.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import time
+
+from boxseg_jax import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS = ("no_pseudo", "bpma", "bqr", "bqr_qmf", "full",
+                    "fixed_k", "qam_code")
+COLUMNS = ("segm", "segm_boxfill", "segm_boxfill_grid", "bbox")
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_shapes(variants, seeds, workdir):
+  """Trains configs/demo.py:VARIANT for every variant and seed."""
+  from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  demo = _load(REPO / "configs" / "demo.py", "demo")
+  results = {}
+  for variant in variants:
+    for seed in seeds:
+      key = f"{variant}/seed{seed}"
+      wd = os.path.join(workdir, f"{variant}_seed{seed}")
+      if os.path.exists(wd):
+        shutil.rmtree(wd)
+      config = demo.get_config(variant)
+      config.seed = seed
+      t0 = time.time()
+      summary = loop.train_and_evaluate(config, wd)
+      trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
+               if "pseudo_iou" in m]
+      results[key] = {"method": f"boxseg:{variant}", "seed": seed,
+                      "eval": summary["eval"], "pseudo_iou": trace,
+                      "seconds": round(time.time() - t0, 1)}
+  return results
+
+
+def run_coco_mini(variants, seeds, args):
+  overfit = _load(REPO / "benchmarks" / "overfit_coco_mini.py", "overfit")
+  ns = argparse.Namespace(root=args.root, steps=args.steps,
+                          canvas=args.canvas, num_images=args.num_images,
+                          workdir=args.workdir)
+  methods = [f"boxseg:{v}" for v in variants]
+  raw = overfit.run(methods, seeds, ns, args.set)
+  return {f"{r['method'].partition(':')[2]}/seed{r['seed']}": r
+          for r in raw.values()}
+
+
+def _cells(r):
+  ev = r["eval"]
+  vals = [ev[c]["AP"] if c in ev else float("nan") for c in COLUMNS]
+  trace = r.get("pseudo_iou") or []
+  vals.append(trace[-1][1] if trace else float("nan"))
+  return vals
+
+
+def print_table(results, variants):
+  head = "".join(f"{c:>19}" for c in COLUMNS + ("pseudo_iou",))
+  print(f"{'variant/seed':<20}{head}")
+  for key, r in results.items():
+    print(f"{key:<20}" + "".join(f"{v:19.3f}" for v in _cells(r)))
+  print("mean over seeds")
+  for variant in variants:
+    rows = [_cells(r) for k, r in results.items()
+            if k.split("/")[0] == variant]
+    if rows:
+      means = [statistics.fmean(col) for col in zip(*rows)]
+      print(f"{variant:<20}" + "".join(f"{v:19.3f}" for v in means))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data", default="shapes", choices=("shapes", "coco_mini"))
+  p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--workdir", default="/tmp/boxseg_ladder")
+  p.add_argument("--root", default=str(REPO.parent / "shared" / "data" /
+                                       "coco-mini"))
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--canvas", type=int, default=256)
+  p.add_argument("--num_images", type=int, default=16)
+  p.add_argument("--set", action="append", default=[],
+                 help="coco_mini: config override key=value (repeatable)")
+  p.add_argument("--output", default="")
+  args = p.parse_args()
+  variants = args.variants.split(",")
+  for v in variants:
+    if v not in config_lib.BOXSEG_VARIANTS:
+      p.error(f"--variants: {v!r} not in {sorted(config_lib.BOXSEG_VARIANTS)}")
+  seeds = [int(x) for x in args.seeds.split(",")]
+  args.workdir = os.path.join(args.workdir, args.data)
+  if args.data == "shapes":
+    results = run_shapes(variants, seeds, args.workdir)
+  else:
+    results = run_coco_mini(variants, seeds, args)
+  print_table(results, variants)
+  out = args.output or str(REPO / "benchmarks" / "results" /
+                           f"boxseg_ladder_{args.data}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump({"benchmark": "boxseg_ladder", "data": args.data,
+               "variants": variants, "seeds": seeds, "runs": results}, f,
+              indent=2)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
