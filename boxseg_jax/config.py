@@ -170,6 +170,10 @@ def base_config() -> ml_collections.ConfigDict:
   # masks (needs a source with masks; they travel as `monitor_masks`, which
   # no loss reads).
   c.train.monitor_pseudo_labels = False
+  # Diagnostic: train on the GT masks (flag 1) in place of the method's
+  # pseudo masks (needs monitor_pseudo_labels): the ceiling of the
+  # pseudo-label losses, to tell a weak teacher from a broken loss.
+  c.train.oracle_pseudo_labels = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.score_thresh = 0.05

@@ -223,6 +223,19 @@ def make_pseudo_label_fn(model, config: ml_collections.ConfigDict
   return fn
 
 
+def oracle_pseudo_labels(batch: Dict[str, jax.Array]) -> Dict[str, Any]:
+  """GT masks as pseudo masks with flag 1: the pseudo-label path's ceiling.
+
+  A diagnostic (``train.oracle_pseudo_labels``): the teacher still runs and
+  its metrics are logged, but the losses see perfect labels, so a run shows
+  how much a method's losses could gain from better pseudo masks.
+  """
+  valid = batch["instance_valid"] & batch["example_valid"][:, None]
+  masks = batch["monitor_masks"] & valid[..., None, None]
+  return {"pseudo_masks": masks.astype(jnp.float32),
+          "pseudo_flags": valid.astype(jnp.float32)}
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict) -> Callable:
@@ -238,6 +251,11 @@ def make_train_step(model, tx: optax.GradientTransformation,
   terms = method.mask_terms(config)
   label_fn = (make_pseudo_label_fn(model, config) if method.pseudo_labels
               else None)
+  oracle = config.train.oracle_pseudo_labels
+  if oracle and (label_fn is None or not config.train.monitor_pseudo_labels):
+    raise ValueError("train.oracle_pseudo_labels needs a method with pseudo "
+                     "labels and train.monitor_pseudo_labels=True (the GT "
+                     "masks it substitutes)")
 
   def train_step(state: state_lib.TrainState, batch: Dict[str, jax.Array]
                  ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
@@ -250,6 +268,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
     if label_fn is not None:
       labels, teacher_metrics, ema_batch_stats = label_fn(
           ema_params, state.ema_batch_stats, batch)
+      if oracle:
+        labels = oracle_pseudo_labels(batch)
       loss_batch = {**batch, **labels}
     image = normalize_image(batch["image"], config.model)
 

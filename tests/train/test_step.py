@@ -198,3 +198,21 @@ def test_monitor_masks_never_change_the_loss(setup):
   for k in real:
     if k != "pseudo_iou":
       assert float(real[k]) == float(flipped[k]), k
+
+
+def test_oracle_pseudo_labels_are_the_gt_masks():
+  masks = np.zeros((2, 3, 4, 4), bool)
+  masks[0, 0, 1:3, 1:3] = True
+  masks[1, 2, :, :2] = True  # an invalid GT's mask never leaks in
+  batch = {"monitor_masks": jnp.asarray(masks),
+           "instance_valid": jnp.array([[True, True, False],
+                                        [True, False, False]]),
+           "example_valid": jnp.array([True, True])}
+  got = step_lib.oracle_pseudo_labels(batch)
+  np.testing.assert_array_equal(got["pseudo_flags"],
+                                [[1, 1, 0], [1, 0, 0]])
+  np.testing.assert_array_equal(got["pseudo_masks"][0, 0], masks[0, 0])
+  assert not np.asarray(got["pseudo_masks"][1]).any()
+  c = _config(**{"train.oracle_pseudo_labels": True})
+  with pytest.raises(ValueError, match="monitor_pseudo_labels"):
+    step_lib.make_train_step(None, None, None, c)
