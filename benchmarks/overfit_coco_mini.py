@@ -96,6 +96,7 @@ def make_config(method, root, steps, canvas, num_images):
   if name in ("boxteacher", "boxseg"):
     c.teacher.view = "same"  # train and test scale coincide here
     c.boxteacher.warmup_iters = max(steps // 9, 1)  # the paper's 10k of 90k
+    c.teacher.momentum = config_lib.scaled_ema_momentum(steps)
     c.train.monitor_pseudo_labels = True
     c.eval.use_teacher = True
     c.eval.rescore = True

@@ -303,6 +303,20 @@ def use_boxseg_variant(c: ml_collections.ConfigDict, name: str) -> None:
     node[last] = value
 
 
+def scaled_ema_momentum(num_steps: int, momentum: float = 0.999,
+                        reference_steps: int = 90000) -> float:
+  """The teacher EMA momentum of a shorter schedule, same relative horizon.
+
+  The reference's 0.999 averages over ~1000 of its 90k steps (1.1% of the
+  run); a 4000-step run keeping 0.999 would evaluate (and learn from) a
+  teacher that mostly remembers its first quarter. The horizon
+  ``1 / (1 - m)`` is scaled with the run length, like the warm-ups:
+  ``m = 1 - 1 / max(horizon * num_steps / reference_steps, 1)``.
+  """
+  horizon = (1.0 / (1.0 - momentum)) * num_steps / reference_steps
+  return 1.0 - 1.0 / max(horizon, 1.0)
+
+
 def teacher_canvas(config: ml_collections.ConfigDict) -> Tuple[int, int]:
   """The teacher view's static canvas (``teacher.canvas`` or data.canvas)."""
   return tuple(config.teacher.canvas or config.data.canvas)

@@ -145,3 +145,11 @@ def test_num_classes_smaller_than_the_dataset_is_an_error(caplog):
   c.model.num_classes = 7
   config_lib.check_num_classes(c, _Source(), "data.val=coco:X:s")
   assert "only 5 categories" in caplog.text
+
+
+def test_scaled_ema_momentum_keeps_the_relative_horizon():
+  assert config_lib.scaled_ema_momentum(90000) == pytest.approx(0.999)
+  # 1000-step horizon of 90k -> 44.4 steps of 4000.
+  assert config_lib.scaled_ema_momentum(4000) == pytest.approx(1 - 1 / 44.444,
+                                                               rel=1e-4)
+  assert config_lib.scaled_ema_momentum(50) == 0.0  # horizon below 1 step
