@@ -155,8 +155,9 @@ def pseudo_labels_one(dets: dict, student_valid: jnp.ndarray,
 
   Returns:
     dict: `pseudo_masks [N, H/s, W/s]` float32 in {0, 1}, `pseudo_flags
-    [N]` (mask score of the match, 0 = none), `match [N]` int32 (-1 =
-    none), `num_detections` scalar.
+    [N]` (mask score of the match, 0 = none), `pseudo_scores [N]` (the
+    match's `c`, read by PC's bank admission; 0 = none), `match [N]` int32
+    (-1 = none), `num_detections` scalar.
   """
   s = cfg.mask_stride
   boxes, valid, probs = teacher_to_student(dets, student_valid,
@@ -172,8 +173,10 @@ def pseudo_labels_one(dets: dict, student_valid: jnp.ndarray,
   binary = ((probs * region.astype(jnp.float32)) > cfg.mask_threshold)
   masks = binary[idx].astype(jnp.float32) * has[:, None, None]
   flags = jnp.where(has, mask_score[idx], 0.0)
+  det_scores = jnp.where(has, dets['scores'][idx].astype(jnp.float32), 0.0)
   return {'pseudo_masks': jax.lax.stop_gradient(masks),
           'pseudo_flags': jax.lax.stop_gradient(flags),
+          'pseudo_scores': jax.lax.stop_gradient(det_scores),
           'match': match,
           'num_detections': valid.sum().astype(jnp.float32)}
 
@@ -192,8 +195,9 @@ def pseudo_labels(dets: dict, batch: dict, teacher_valid: jnp.ndarray,
     cfg: settings.
 
   Returns:
-    `(labels, metrics)`: `labels` = `pseudo_masks [B, N, H/s, W/s]` and
-    `pseudo_flags [B, N]`; `metrics` = `pseudo_fraction` (GTs with a pseudo
+    `(labels, metrics)`: `labels` = `pseudo_masks [B, N, H/s, W/s]`,
+    `pseudo_flags [B, N]` and `pseudo_scores [B, N]`; `metrics` =
+    `pseudo_fraction` (GTs with a pseudo
     mask), `pseudo_flag_mean` (mean flag over those), `teacher_detections`
     (per image) and, with `monitor_masks`, `pseudo_iou` (mean IoU of the
     pseudo masks with the GT masks, over GTs with a pseudo mask).
@@ -206,7 +210,8 @@ def pseudo_labels(dets: dict, batch: dict, teacher_valid: jnp.ndarray,
                           out['pseudo_masks'], gt_valid,
                           out['num_detections'], batch)
   labels = {'pseudo_masks': out['pseudo_masks'],
-            'pseudo_flags': out['pseudo_flags']}
+            'pseudo_flags': out['pseudo_flags'],
+            'pseudo_scores': out['pseudo_scores']}
   return labels, metrics
 
 

@@ -379,7 +379,9 @@ def pseudo_labels_one(outputs: dict, student_valid: jnp.ndarray,
 
   Returns:
     dict: `pseudo_masks [N, H/s, W/s]` float32 in {0, 1} (clipped to the
-    box), `pseudo_flags [N]` (0 = no pseudo mask), `soft_masks [N, H/s,
+    box), `pseudo_flags [N]` (0 = no pseudo mask), `pseudo_scores [N]`
+    (mean box score of the fused candidates, the code's `pred_scores` that
+    PC's bank admission reads; 0 = none), `soft_masks [N, H/s,
     W/s]` (the fused maps before clipping), `has [N]` bool,
     `num_used [N]` (candidates fused per GT), `num_detections` (valid
     candidates of the image).
@@ -458,6 +460,7 @@ def pseudo_labels_one(outputs: dict, student_valid: jnp.ndarray,
   flags = jnp.where(has, flags, 0.0)
   return {'pseudo_masks': jax.lax.stop_gradient(masks.astype(jnp.float32)),
           'pseudo_flags': jax.lax.stop_gradient(flags),
+          'pseudo_scores': jax.lax.stop_gradient(jnp.where(has, mean_b, 0.0)),
           'soft_masks': jax.lax.stop_gradient(soft),
           'has': has,
           'num_used': used_f.sum(-1),
@@ -477,8 +480,9 @@ def pseudo_labels(outputs: dict, batch: dict, teacher_valid: jnp.ndarray,
     cfg: settings.
 
   Returns:
-    `(labels, metrics)`: `labels` = `pseudo_masks [B, N, H/s, W/s]` and
-    `pseudo_flags [B, N]`; `metrics` = BoxTeacher's honesty metrics
+    `(labels, metrics)`: `labels` = `pseudo_masks [B, N, H/s, W/s]`,
+    `pseudo_flags [B, N]` and `pseudo_scores [B, N]`; `metrics` =
+    BoxTeacher's honesty metrics
     (`boxteacher.label_metrics`; `teacher_detections` counts the valid
     pre-NMS candidates per image) and `qam_candidates_per_gt` (mean number
     of fused candidates over GTs with a pseudo mask).
@@ -501,5 +505,6 @@ def pseudo_labels(outputs: dict, batch: dict, teacher_valid: jnp.ndarray,
   metrics['qam_candidates_per_gt'] = jax.lax.stop_gradient(
       (out['num_used'] * has_f).sum() / jnp.maximum(has_f.sum(), 1.0))
   labels = {'pseudo_masks': out['pseudo_masks'],
-            'pseudo_flags': out['pseudo_flags']}
+            'pseudo_flags': out['pseudo_flags'],
+            'pseudo_scores': out['pseudo_scores']}
   return labels, metrics
