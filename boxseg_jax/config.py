@@ -145,6 +145,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.qam.mqs = "paper"                 # paper | code | mask_aware
   c.qam.mask_threshold = 0.5
 
+  # BoxSeg's Peer-assisted Copy-paste (methods/pc.py; reference §4C.6, the
+  # port's defaults §4C.8 rows 14-25; docs/methods.md). A per-device memory
+  # bank in TrainState.bank; needs a method with pseudo labels.
+  c.pc = ml_collections.ConfigDict()
+  c.pc.enabled = False                # use_boxseg turns it on
+  c.pc.type = "instance"              # instance (code configs) | segmentation
+  #                                     | simple
+  c.pc.capacity = 80                  # bank entries per device
+  c.pc.crop = ()                      # entry crop (H, W); () = data.canvas
+  c.pc.max_objects = 4                # objects stored per entry
+  c.pc.iou_thresh = 0.1               # admission: IoU < it with other GTs
+  c.pc.min_mask_score = 0.5           # admission: s > it
+  c.pc.min_box_score = 0.5            # admission: mean box score > it
+  c.pc.min_area = 300.0               # px: bank object, shifted peer, kept
+  #                                     occluded target must exceed it
+  c.pc.overlap_ratio = 0.1            # peer/learner overlap per axis
+  c.pc.box_shift_thresh = 10.0        # px: occluded target kept if moved <=
+  c.pc.rate = 0.7
+  c.pc.ramp_steps = 10000
+  c.pc.schedule = "code"              # code: P(paste) = 1 - rate*ramp |
+  #                                     rampup: rate*ramp
+  c.pc.placement = "overlap"          # overlap | random (anywhere)
+  c.pc.peer = "best"                  # best (max s of the entry) | random
+  c.pc.learner = "random"             # random GT of the class | lowest_s
+  c.pc.color_view = "pasted"          # pasted | unpasted (the code's bug)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"                # sgd | adamw
   c.optim.base_lr = 0.01
@@ -252,41 +278,62 @@ def use_boxseg(c: ml_collections.ConfigDict) -> None:
 
   Method ``boxseg`` (QAM pseudo labels from the teacher's pre-NMS
   candidates, BoxTeacher's quality-weighted pixel and affinity losses), the
-  varifocal classification loss (§4C.3), and inference as the reference
-  (the EMA teacher, mask-aware rescored outputs). ``c.qam`` keeps its
-  paper defaults; ``use_boxseg_variant`` switches to ablations or to the
-  public code's choices.
+  varifocal classification loss (§4C.3), Peer-assisted Copy-paste
+  (``c.pc``, §4C.6) and inference as the reference (the EMA teacher,
+  mask-aware rescored outputs). ``c.qam`` and ``c.pc`` keep their defaults
+  (§4C.8); ``use_boxseg_variant`` switches to ablations or to the public
+  code's choices.
   """
   c.method = "boxseg"
   c.loss.cls_loss = "varifocal"
   c.eval.use_teacher = True
   c.eval.rescore = True
+  c.pc.enabled = True
 
 
 # The paper's Table 4 ladder (no pseudo masks / BPMA / BQR / BQR+QMF /
-# BQR+QMF+MQS), its Table 7 (adaptive K off) and the public code's QAM, as
-# overrides of a BoxSeg config (everything else, the varifocal loss and the
-# teacher inference included, stays the same across the ladder).
-# docs/methods.md explains how each row is read.
+# BQR+QMF+MQS, QAM alone: PC off), its Table 5 ladder (PC on top of QAM: no
+# PC / random peers + random place / high-quality peers + random place /
+# high-quality peers + overlapped), its Table 7 (adaptive K off) and the
+# public code's QAM, as overrides of a BoxSeg config (everything else, the
+# varifocal loss and the teacher inference included, stays the same across
+# a ladder). docs/methods.md explains how each row is read.
+_NO_PC = {"pc.enabled": False}
 BOXSEG_VARIANTS = {
-    # BQR + QMF + MQS with adaptive K: the paper's QAM (the default).
+    # QAM (BQR + QMF + MQS, adaptive K) + PC: BoxSeg (the default).
     "full": {},
-    # No pseudo masks: BoxInst's projection + pairwise terms only.
-    "no_pseudo": {"method": "boxinst", "train.monitor_pseudo_labels": False},
+    # Table 4 (QAM alone). No pseudo masks: BoxInst's projection + pairwise
+    # terms only.
+    "no_pseudo": {"method": "boxinst", "train.monitor_pseudo_labels": False,
+                  **_NO_PC},
     # BoxTeacher's NMS + box-based pseudo-mask assignment (§4.4).
-    "bpma": {"method": "boxteacher"},
+    "bpma": {"method": "boxteacher", **_NO_PC},
     # Box-Quality Ranking alone: the best-ranked candidate's mask, flagged
     # with BoxTeacher's mask-aware score.
-    "bqr": {"qam.fusion": "top1", "qam.mqs": "mask_aware"},
+    "bqr": {"qam.fusion": "top1", "qam.mqs": "mask_aware", **_NO_PC},
     # + Quality-aware Masks Fusion.
-    "bqr_qmf": {"qam.mqs": "mask_aware"},
-    # + Mask-Quality Scoring (= "full").
-    "bqr_qmf_mqs": {},
-    # Table 7: adaptive K off (the code's fixed top-20).
-    "fixed_k": {"qam.k_mode": "fixed", "qam.k": 20},
-    # Every QAM choice of the public code (§4C.8 rows 2, 7, 6, 9).
+    "bqr_qmf": {"qam.mqs": "mask_aware", **_NO_PC},
+    # + Mask-Quality Scoring: the paper's QAM, without PC.
+    "bqr_qmf_mqs": dict(_NO_PC),
+    # Table 7: adaptive K off (the code's fixed top-20), without PC.
+    "fixed_k": {"qam.k_mode": "fixed", "qam.k": 20, **_NO_PC},
+    # Table 5 (QAM + PC). No PC (= bqr_qmf_mqs).
+    "no_pc": dict(_NO_PC),
+    # Random peers, random place: any isolated object large enough enters
+    # the bank (no score thresholds), a random object of the entry is
+    # pasted anywhere in the image.
+    "pc_random": {"pc.min_mask_score": -1.0, "pc.min_box_score": -1.0,
+                  "pc.peer": "random", "pc.placement": "random"},
+    # High-quality peers (the admission thresholds, the entry's best
+    # object), random place.
+    "pc_hq_random_place": {"pc.placement": "random"},
+    # High-quality peers overlapping their learner (= "full").
+    "pc_hq_overlap": {},
+    # Every QAM choice of the public code (§4C.8 rows 2, 7, 6, 9); PC as the
+    # code (its only paper-vs-code difference in PC, row 24, reverted).
     "qam_code": {"qam.k_mode": "fixed", "qam.k": 20, "qam.box_score": "fcos",
-                 "qam.fusion": "vote", "qam.mqs": "code"},
+                 "qam.fusion": "vote", "qam.mqs": "code",
+                 "pc.color_view": "unpasted"},
 }
 
 
@@ -382,6 +429,9 @@ TUPLE_FIELDS = {
         lambda v: len(v) >= 1 and all(x > 0 for x in v) and _distinct(v)),
     "data.shapes.image_size": _TupleRule(
         "2 positive ints (H, W)", (2,), int, lambda v: min(v) > 0),
+    "pc.crop": _TupleRule(
+        "() (= data.canvas) or 2 ints (H, W), positive multiples of 4",
+        (0, 2), int, lambda v: all(x > 0 and x % 4 == 0 for x in v)),
     "teacher.canvas": _TupleRule(
         "() (= data.canvas) or 2 ints (H, W), positive multiples of 32",
         (0, 2), int, lambda v: all(x > 0 and x % 32 == 0 for x in v)),

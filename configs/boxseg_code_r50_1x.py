@@ -13,9 +13,10 @@ fixed top-20 Box-Quality Ranking (row 2), box score
 unweighted majority vote (row 6), the code's Mask-Quality Score (row 9)
 and `strong` student augmentation without blur (row 13). Rows where the
 paper is silent already follow the code in the default config (IoU > 0.5
-after the cut, class-aware, varifocal α 0.25). Peer-assisted Copy-paste,
-on in the code's configs, is not in yet. `:3x` / `:r101_3x` pick the
-other schedules.
+after the cut, class-aware, varifocal α 0.25), and Peer-assisted
+Copy-paste as the code runs it (type `instance`, colour similarity from
+the un-pasted image, row 24). `:3x` / `:r101_3x` pick the other
+schedules.
 
 Hardware: 8 accelerators (batch 16), 90k steps. Not measured with this
 code yet; the authors publish no COCO numbers for their code (§4C.9).

@@ -15,13 +15,18 @@ section): QAM pseudo labels (Box-Quality Ranking with adaptive K,
 quality-aware soft fusion, Mask-Quality Scoring) into the quality-weighted
 mask loss, the varifocal classification loss, and `strongv2` student
 augmentation (the paper lists Gaussian blur; the code's configs run
-`strong`). Peer-assisted Copy-paste is not in this config yet.
+`strong`), and Peer-assisted Copy-paste (`pc`, type `instance` as the
+code's configs: a per-device bank of 80 isolated high-quality objects in
+640x640 crops, about 205 MB per device; objects that do not fit a crop are
+counted in `pc_too_large`).
 
 `--config=configs/coco_boxseg_r50_1x.py:ARG` picks a variant: ARG is a
 comma-separated list of at most one schedule (`1x`, `3x`, `r101_3x`) and
 at most one row of `config.BOXSEG_VARIANTS` (`full`, `no_pseudo`, `bpma`,
-`bqr`, `bqr_qmf`, `bqr_qmf_mqs`, `fixed_k`, `qam_code`): e.g. `:bqr` (the
-paper's Table 4 row BQR) or `:3x,fixed_k` (Table 7, adaptive K off).
+`bqr`, `bqr_qmf`, `bqr_qmf_mqs`, `fixed_k`, `no_pc`, `pc_random`,
+`pc_hq_random_place`, `pc_hq_overlap`, `qam_code`): e.g. `:bqr` (the
+paper's Table 4 row BQR), `:pc_random` (Table 5, random peers and place)
+or `:3x,fixed_k` (Table 7, adaptive K off).
 configs/boxseg_code_r50_1x.py is every choice of the public code.
 
 Hardware: 8 accelerators (batch 16), 90k steps. Not measured with this
@@ -56,6 +61,8 @@ def get_config(arg=None):
   c.optim.weight_decay_norm = -1.0
   c.boxteacher.warmup_iters = 10000
   config_lib.use_boxseg(c)
+  # A bank entry is a 640x640 crop (of the 1344 canvas) around its objects.
+  c.pc.crop = (640, 640)
   if variant:
     config_lib.use_boxseg_variant(c, variant[0])
   return c

@@ -45,6 +45,12 @@ def test_demo_is_boxteacher_demo_plus_qam():
   assert demo.pop("method") == "boxseg" and bt.pop("method") == "boxteacher"
   assert demo["loss"].pop("cls_loss") == "varifocal"
   assert bt["loss"].pop("cls_loss") == "focal"
+  # BoxSeg's second half: Peer-assisted Copy-paste, its 10k-step ramp
+  # scaled to the run like the other warm-ups.
+  demo_pc, bt_pc = demo.pop("pc"), bt.pop("pc")
+  assert demo_pc.pop("enabled") and not bt_pc.pop("enabled")
+  assert demo_pc.pop("ramp_steps") == 500
+  assert demo_pc == {k: v for k, v in bt_pc.items() if k != "ramp_steps"}
   assert demo == bt
 
 
@@ -58,6 +64,12 @@ def test_every_ladder_variant_loads(name, variant):
   want = {"no_pseudo": "boxinst", "bpma": "boxteacher"}.get(variant,
                                                            "boxseg")
   assert c.method == want
+  # PC is on in the full method and the Table 5 rows with PC, off in the
+  # Table 4 / 7 rows (QAM alone) and Table 5's "no PC".
+  assert full.pc.enabled
+  assert c.pc.enabled == (variant in ("full", "pc_random",
+                                      "pc_hq_random_place",
+                                      "pc_hq_overlap", "qam_code"))
   # Only the pseudo labels change along the ladder.
   assert c.loss.cls_loss == full.loss.cls_loss == "varifocal"
   assert c.eval.use_teacher and c.data == full.data

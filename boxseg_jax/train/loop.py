@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the training loop.
 
 1. Mesh, writer, data (per-process shards of the global batch).
-2. Model and optimizer; state born replicated on the mesh.
+2. Model and optimizer; state born on the mesh (replicated, the PC bank
+   sharded per device).
 3. Resume: workdir checkpoint -> ``config.init`` (partial) -> scratch.
 4. One jitted, donated ``train_step``; compiled once (logged).
 5. Loop: metrics (CLU), progress, checkpoints, evaluation, SIGTERM.
@@ -72,10 +73,13 @@ def global_batch(batch: features.Batch, sharding) -> Dict[str, jax.Array]:
 
 
 def init_state(config, model, tx, mesh) -> state_lib.TrainState:
-  """Initialises the train state directly on the mesh (replicated)."""
-  rep, _ = step_lib.shardings(mesh)
+  """Initialises the train state directly on the mesh (replicated, the
+  memory bank sharded per device)."""
   h, w = config.data.canvas
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  seed_key = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(seed_key)
+  # Its own stream, so the other keys stay those of runs without a bank.
+  bank_rng = jax.random.fold_in(seed_key, 0x6a6b)
 
   def init_fn():
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
@@ -85,11 +89,12 @@ def init_state(config, model, tx, mesh) -> state_lib.TrainState:
     return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
         batch_stats=batch_stats, ema_batch_stats=batch_stats,
-        opt_state=tx.init(params), bank={}, rng=state_rng,
-        num_skipped=jnp.zeros((), jnp.int32),
+        opt_state=tx.init(params),
+        bank=step_lib.init_bank(config, mesh.devices.size, bank_rng),
+        rng=state_rng, num_skipped=jnp.zeros((), jnp.int32),
         skip_streak=jnp.zeros((), jnp.int32))
 
-  return jax.jit(init_fn, out_shardings=rep)()
+  return jax.jit(init_fn, out_shardings=step_lib.state_shardings(mesh))()
 
 
 def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
@@ -103,8 +108,10 @@ def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
   if ckpt.latest_step() is not None:
     abstract = jax.eval_shape(lambda: init_state(config, model, tx, mesh))
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-        abstract)
+        lambda sharding, sub: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                           sharding=sharding), sub),
+        step_lib.state_shardings(mesh), abstract)
     state, input_state, step = ckpt.restore(abstract)
     logging.info("Resumed from %s at step %d", ckpt.directory, step)
     return state, input_state, "workdir"

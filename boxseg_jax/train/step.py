@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from boxseg_jax.losses import condinst as condinst_losses
 from boxseg_jax.losses import mask_terms
 from boxseg_jax.methods import boxteacher
+from boxseg_jax.methods import pc
 from boxseg_jax.methods import qam
 from boxseg_jax.ops import detections
 from boxseg_jax.train import state as state_lib
@@ -146,7 +147,69 @@ METHODS = {
     # BoxSeg: QAM pseudo labels, BoxTeacher's quality-weighted losses.
     "boxseg": Method(_boxteacher_terms, _qam_labels,
                      teacher_reads="outputs"),
+    # BoxInst's losses with an EMA teacher whose QAM labels only feed
+    # Peer-assisted Copy-paste (bank admission, the pasted peers' pixels):
+    # PC on top of BoxInst (the paper's Table 6).
+    "boxinst_pc": Method(_boxinst_terms, _qam_labels,
+                         teacher_reads="outputs"),
 }
+
+
+def pc_config(config: ml_collections.ConfigDict) -> pc.PCConfig:
+  """``config.pc`` as the static ``pc.PCConfig`` (crop () = the canvas)."""
+  p = config.pc
+  crop = tuple(p.crop or config.data.canvas)
+  if any(c > d for c, d in zip(crop, config.data.canvas)):
+    raise ValueError(f"pc.crop={crop} is larger than data.canvas="
+                     f"{tuple(config.data.canvas)}")
+  return pc.PCConfig(
+      type=p.type, capacity=p.capacity, crop=crop,
+      max_objects=p.max_objects, iou_thresh=p.iou_thresh,
+      min_mask_score=p.min_mask_score, min_box_score=p.min_box_score,
+      min_area=p.min_area, overlap_ratio=p.overlap_ratio,
+      box_shift_thresh=p.box_shift_thresh, rate=p.rate,
+      ramp_steps=p.ramp_steps, schedule=p.schedule, placement=p.placement,
+      peer=p.peer, learner=p.learner, color_view=p.color_view)
+
+
+# The train state's memory bank: PC's (``pc.enabled``) or none. A piece is
+# (init(config, num_devices, key) -> bank, make_fn(config) -> fn(bank,
+# batch, step) -> (bank, batch, metrics)); the step calls it on the
+# labelled batch before the student's forward.
+def _no_bank_init(config, num_devices, key):
+  del config, num_devices, key
+  return {}
+
+
+def _no_bank_fn(config):
+  del config
+  return lambda bank, batch, step: (bank, batch, {})
+
+
+def _pc_init(config, num_devices, key):
+  return pc.init_bank(pc_config(config), num_devices, key)
+
+
+def _pc_fn(config):
+  if not uses_teacher(config):
+    raise ValueError(f"pc.enabled: method {config.method!r} makes no pseudo "
+                     "labels (PC pastes pseudo-labelled objects); use "
+                     "boxseg, boxteacher or boxinst_pc")
+  return functools.partial(pc.apply, cfg=pc_config(config))
+
+
+BANKS = {False: (_no_bank_init, _no_bank_fn), True: (_pc_init, _pc_fn)}
+
+
+def init_bank(config: ml_collections.ConfigDict, num_devices: int,
+              key: jax.Array) -> Dict[str, jax.Array]:
+  """``TrainState.bank`` at step 0 (``[num_devices, ...]`` arrays or {})."""
+  return BANKS[bool(config.pc.enabled)][0](config, num_devices, key)
+
+
+def make_bank_fn(config: ml_collections.ConfigDict) -> Callable:
+  """``fn(bank, batch, step) -> (bank, batch, metrics)`` of the config."""
+  return BANKS[bool(config.pc.enabled)][1](config)
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:
@@ -233,7 +296,8 @@ def oracle_pseudo_labels(batch: Dict[str, jax.Array]) -> Dict[str, Any]:
   valid = batch["instance_valid"] & batch["example_valid"][:, None]
   masks = batch["monitor_masks"] & valid[..., None, None]
   return {"pseudo_masks": masks.astype(jnp.float32),
-          "pseudo_flags": valid.astype(jnp.float32)}
+          "pseudo_flags": valid.astype(jnp.float32),
+          "pseudo_scores": valid.astype(jnp.float32)}
 
 
 def make_train_step(model, tx: optax.GradientTransformation,
@@ -242,15 +306,18 @@ def make_train_step(model, tx: optax.GradientTransformation,
   """Returns the pure (unjitted) ``train_step(state, batch)``.
 
   One step: the teacher's EMA update (§4.7); for methods with a teacher,
-  its forward on the teacher view and the method's pseudo labels; the
-  student's forward, FCOS + mask-term losses and gradients; the optax
-  update, kept only where every tensor it writes is finite.
+  its forward on the teacher view and the method's pseudo labels; with
+  ``pc.enabled``, Peer-assisted Copy-paste from the per-device bank in
+  ``state.bank``; the student's forward, FCOS + mask-term losses and
+  gradients; the optax update (and the bank's), kept only where every
+  tensor it writes is finite.
   """
   method = get_method(config)
   kwargs = loss_kwargs(config)
   terms = method.mask_terms(config)
   label_fn = (make_pseudo_label_fn(model, config) if method.pseudo_labels
               else None)
+  bank_fn = make_bank_fn(config)
   oracle = config.train.oracle_pseudo_labels
   if oracle and (label_fn is None or not config.train.monitor_pseudo_labels):
     raise ValueError("train.oracle_pseudo_labels needs a method with pseudo "
@@ -271,7 +338,11 @@ def make_train_step(model, tx: optax.GradientTransformation,
       if oracle:
         labels = oracle_pseudo_labels(batch)
       loss_batch = {**batch, **labels}
-    image = normalize_image(batch["image"], config.model)
+    # Peer-assisted Copy-paste: after the pseudo labels (the teacher never
+    # sees a paste), before the student's forward.
+    bank, loss_batch, bank_metrics = bank_fn(state.bank, loss_batch,
+                                             state.step)
+    image = normalize_image(loss_batch["image"], config.model)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -312,11 +383,13 @@ def make_train_step(model, tx: optax.GradientTransformation,
         batch_stats=batch_stats,
         ema_batch_stats=ema_batch_stats,
         ema_params=ema_params,
+        bank=keep(bank, state.bank),
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1))
     metrics = {k: v.astype(jnp.float32) for k, v in aux.items()}
     metrics.update({k: jnp.asarray(v, jnp.float32)
                     for k, v in teacher_metrics.items()})
+    metrics.update(bank_metrics)
     metrics.update(
         loss=total.astype(jnp.float32),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
@@ -355,11 +428,23 @@ def shardings(mesh: Mesh):
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-  """jit with a replicated, donated state and a ``data``-sharded batch."""
+def state_shardings(mesh: Mesh) -> state_lib.TrainState:
+  """The state's shardings, a prefix of its pytree: everything replicated
+  but the memory bank, whose leading per-device axis is sharded on
+  ``data`` (each device holds and updates only its own bank)."""
   rep, data = shardings(mesh)
-  return jax.jit(train_step, in_shardings=(rep, data),
-                 out_shardings=(rep, rep), donate_argnums=0)
+  fields = {f.name: rep for f in dataclasses.fields(state_lib.TrainState)}
+  fields["bank"] = data
+  return state_lib.TrainState(**fields)
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+  """jit with a donated state (``state_shardings``) and a ``data``-sharded
+  batch."""
+  rep, data = shardings(mesh)
+  state = state_shardings(mesh)
+  return jax.jit(train_step, in_shardings=(state, data),
+                 out_shardings=(state, rep), donate_argnums=0)
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:

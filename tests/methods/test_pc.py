@@ -370,3 +370,76 @@ def test_nothing_pasted_outside_the_canvas_or_into_padding():
                                       (jnp.int32(64), jnp.int32(64)), S))[0]
     np.testing.assert_array_equal(box, [xs.min(), ys.min(), xs.max() + 1,
                                         ys.max() + 1])
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, "tests/methods")
+import test_pc as t
+from boxseg_jax.methods import pc
+
+assert len(jax.devices()) == 4, jax.devices()
+cfg = pc.PCConfig(capacity=3, crop=(32, 32), max_objects=2, ramp_steps=2)
+rng = np.random.default_rng(0)
+
+def batch(num):
+  exs = []
+  for _ in range(num):
+    n = int(rng.integers(1, 4))
+    xy = rng.integers(0, 40, (n, 2))
+    wh = rng.integers(10, 24, (n, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, 64)], 1)
+    ex = t._example(boxes, rng.integers(0, 2, n), rng.uniform(0.3, 1, n),
+                    np.full(n, 0.9), value=int(rng.integers(1, 250)))
+    exs.append(ex)
+  out = {k: jnp.stack([e[k] for e in exs]) for k in exs[0]}
+  out["image"] = jnp.asarray(rng.integers(0, 255, out["image"].shape),
+                             jnp.uint8)
+  return out
+
+batches = [batch(8) for _ in range(4)]
+bank0 = pc.init_bank(cfg, 4, jax.random.PRNGKey(3))
+mesh = Mesh(jax.devices(), ("data",))
+data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+fn = jax.jit(lambda b, x, s: pc.apply(b, x, s, cfg),
+             in_shardings=(data, data, rep), out_shardings=(data, data, rep))
+bank = jax.device_put(bank0, data)
+outs, pasted = [], 0.0
+for step, b in enumerate(batches):
+  bank, out, m = fn(bank, jax.device_put(b, data), jnp.int32(step))
+  outs.append(out)
+  pasted += float(m["pc_pasted"])
+assert len(bank["image"].sharding.device_set) == 4
+one = jax.jit(lambda b, x, s: pc.apply(b, x, s, cfg))
+diffs = []
+for d in range(4):
+  bank_d = jax.tree.map(lambda x: x[d:d + 1], bank0)
+  for step, b in enumerate(batches):
+    part = jax.tree.map(lambda x: x[2 * d:2 * d + 2], b)
+    bank_d, out_d, _ = one(bank_d, part, jnp.int32(step))
+    for k, v in out_d.items():
+      if not np.array_equal(np.asarray(v), np.asarray(
+          outs[step][k][2 * d:2 * d + 2])):
+        diffs.append(f"out {k} device {d} step {step}")
+  for k, v in bank_d.items():
+    if not np.array_equal(np.asarray(v), np.asarray(bank[k][d:d + 1])):
+      diffs.append(f"bank {k} device {d}")
+sizes = np.asarray(bank["valid"]).sum(-1).tolist()
+print("RESULT " + json.dumps({"diffs": diffs, "pasted": pasted,
+                              "sizes": sizes}))
+"""
+
+
+def test_four_device_banks_equal_four_one_device_runs():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][0]
+  res = json.loads(line[len("RESULT "):])
+  assert res["diffs"] == []
+  # Not vacuous: the banks filled and images were pasted.
+  assert res["pasted"] > 0 and sum(res["sizes"]) > 0

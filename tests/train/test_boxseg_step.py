@@ -43,6 +43,15 @@ def _config():
   c.data.test_short_size = 80
   c.teacher.canvas = (128, 128)
   c.train.monitor_pseudo_labels = True
+  # Peer-assisted Copy-paste on, its admission opened to the random
+  # teacher's labels (tests/methods/test_pc.py has the thresholds).
+  c.pc.enabled = True
+  c.pc.type = "segmentation"          # any class: pastes on 4 images
+  c.pc.min_mask_score = -1.0
+  c.pc.min_box_score = -1.0
+  c.pc.min_area = 32.0
+  c.pc.capacity = 4
+  c.pc.crop = (64, 64)
   return c
 
 
@@ -102,6 +111,8 @@ def test_qam_labels_are_not_vacuous(setup):
 def test_step_compiles_once_and_trains_the_mask_loss(setup):
   s = setup
   state = s["state"]
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  pasted = stored = 0.0
   for batch in s["batches"]:
     state, metrics = s["step_fn"](state, batch)
     assert float(metrics["update_skipped"]) == 0
@@ -109,4 +120,10 @@ def test_step_compiles_once_and_trains_the_mask_loss(setup):
     assert float(metrics["loss_mask_affinity"]) > 0
     assert float(metrics["num_pseudo_masks"]) > 0
     assert np.isfinite(float(metrics["loss_fcos_cls"]))
+    pasted += float(metrics["pc_pasted"])
+    stored += float(metrics["pc_stored"])
   assert s["traces"][0] == 1
+  # PC ran inside the step: objects entered the bank and images were
+  # pasted, and the state kept its shapes (the bank is fixed-size).
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+  assert stored > 0 and pasted > 0
