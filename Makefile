@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test files run in this many processes (one per core on CI's 2 cores;
+# XLA compiles single-threaded, and most of the suite's time is compiles).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench venv clean
@@ -19,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m boxseg_jax.main --config=configs/demo.py --workdir=out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

@@ -38,8 +38,11 @@ def test_reproduces_training_ap_exactly(tmp_path):
     evaluate.evaluate(model, out)
     got = _read(os.path.join(out, "eval", f"step_{step}.json"))
     assert got == want  # every metric and the prediction count, exactly
-  assert want["bbox"]["AP"] > 0 and want["segm"]["AP50"] > 0
-  assert "segm_boxfill" in want  # the Evaluator's box-fill baselines
+  # Not vacuous: detections score, and masks went through the paste-back
+  # (40 steps from scratch may not yet draw masks that match: segm can be 0;
+  # the grid box-fill pastes through the same path and must score).
+  assert want["bbox"]["AP"] > 0 and "segm" in want
+  assert want["segm_boxfill_grid"]["AP50"] > 0
 
 
 def test_command_line_and_converted_weights(tmp_path):
