@@ -1,19 +1,21 @@
-r"""The BoxSeg ablation ladder (paper Table 4, Table 7, the code's QAM).
+r"""The BoxSeg ablation ladders (paper Tables 4, 5, 7, the code's QAM).
 
-Trains every `--variants` row of `config.BOXSEG_VARIANTS` (no_pseudo,
-bpma, bqr, bqr_qmf, full = bqr_qmf_mqs, fixed_k, qam_code) with every seed
+Trains every `--variants` row of `config.BOXSEG_VARIANTS` (Table 4, QAM
+alone: no_pseudo, bpma, bqr, bqr_qmf, bqr_qmf_mqs = no_pc; Table 7:
+fixed_k; Table 5, QAM + Peer-assisted Copy-paste: pc_random,
+pc_hq_random_place, full = pc_hq_overlap; qam_code) with every seed
 of `--seeds`, on one of two data sets, and prints one table: segm AP, the
 two box-fill baselines (the same detections with boxes filled as masks:
 what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
 GT masks at the end of training, per run and averaged over seeds.
 
 * `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 10
-  minutes per run on 2 CPU cores; 7 variants x 1 seed: ~70 minutes);
+  minutes per run on 2 CPU cores; 10 variants x 1 seed: ~100 minutes);
 * `--data=coco_mini`: benchmarks/overfit_coco_mini.py's 16 photos with
   `boxseg:VARIANT` (`--steps`, default 600).
 
 Every row keeps BoxSeg's other settings (varifocal loss, teacher
-inference, schedule, seed), so only the pseudo labels differ.
+inference, schedule, seed), so only the pseudo labels and PC differ.
 
   python benchmarks/boxseg_ladder.py --data=shapes --seeds=0
   python benchmarks/boxseg_ladder.py --data=coco_mini --seeds=0,1,2
@@ -33,8 +35,9 @@ import time
 from boxseg_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = ("no_pseudo", "bpma", "bqr", "bqr_qmf", "full",
-                    "fixed_k", "qam_code")
+DEFAULT_VARIANTS = ("no_pseudo", "bpma", "bqr", "bqr_qmf", "bqr_qmf_mqs",
+                    "fixed_k", "pc_random", "pc_hq_random_place", "full",
+                    "qam_code")
 COLUMNS = ("segm", "segm_boxfill", "segm_boxfill_grid", "bbox")
 
 

@@ -12,9 +12,11 @@ table, writes JSON.
 
 A method is `boxinst`, `mask`, `boxteacher`, `boxseg` (the paper's QAM)
 or `boxseg:VARIANT`, a row of the BoxSeg ablation ladder
-(`config.BOXSEG_VARIANTS`: no_pseudo, bpma, bqr, bqr_qmf, bqr_qmf_mqs /
-full, fixed_k, qam_code), which keeps every BoxSeg setting (varifocal loss,
-teacher inference) and changes only the pseudo labels. `--seeds=0,1,2`
+(`config.BOXSEG_VARIANTS`: no_pseudo, bpma, bqr, bqr_qmf, bqr_qmf_mqs =
+no_pc, fixed_k, pc_random, pc_hq_random_place, full = pc_hq_overlap,
+qam_code), which keeps every BoxSeg setting (varifocal loss, teacher
+inference) and changes only the pseudo labels and Peer-assisted
+Copy-paste. `--seeds=0,1,2`
 repeats each method with those seeds.
 
   python benchmarks/overfit_coco_mini.py [--steps=600] [--canvas=256] \
