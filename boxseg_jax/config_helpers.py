@@ -22,7 +22,15 @@ E.g. BoxInst R-50 1x at batch 4: lr 0.0025, 360k steps, decays at 240k and
 AdamW it is a first guess (square-root scaling of the learning rate is
 the other common choice). Small batches also change BatchNorm statistics of
 the mask branch (computed over the global batch here).
+
+``load_config_file(path, arg=None, **overrides)``: a config file's
+``get_config(arg)`` (what ``--config=PATH:ARG`` gives) with dotted-key
+overrides, for notebooks, benchmarks and tests.
 """
+
+import importlib.util
+import os
+from typing import Any, Optional
 
 import ml_collections
 
@@ -57,4 +65,28 @@ def scale_to_batch_size(config: ml_collections.ConfigDict,
   config.optim.lr_boundaries = tuple(steps(b)
                                      for b in config.optim.lr_boundaries)
   config.teacher.momentum = float(config.teacher.momentum ** k)
+  return config
+
+
+def load_config_file(path: str, arg: Optional[str] = None,
+                     **overrides: Any) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the config file ``path`` (a ``.py`` file, or a
+  name in the repository's ``configs/``), then ``overrides`` by dotted key
+  (``**{"train.num_steps": 3}``); an unknown key raises ``KeyError``."""
+  if not path.endswith(".py"):
+    path = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs", path + ".py")
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config() if arg is None else mod.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for name in parents:
+      node = node[name]
+    if last not in node:
+      raise KeyError(f"config has no field {key!r}")
+    node[last] = value
   return config

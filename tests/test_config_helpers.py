@@ -1,9 +1,14 @@
-"""The batch-size rule: lr x k, durations / k, EMA momentum ** k."""
+"""The batch-size rule: lr x k, durations / k, EMA momentum ** k; loading
+a config file with overrides."""
+
+import os
 
 import pytest
 
 from boxseg_jax import config as config_lib
 from boxseg_jax import config_helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_boxinst_1x_at_batch_4():
@@ -43,3 +48,16 @@ def test_round_trip_and_edge_cases():
   assert c.train.num_steps == 45000
   with pytest.raises(ValueError, match="positive"):
     config_helpers.scale_to_batch_size(c, 0)
+
+
+def test_load_config_file_by_name_path_and_variant():
+  c = config_helpers.load_config_file("tiny", **{"train.num_steps": 3,
+                                                 "model.num_classes": 2})
+  assert c.train.num_steps == 3 and c.model.num_classes == 2
+  path = os.path.join(REPO, "configs", "demo.py")
+  full = config_helpers.load_config_file(path)
+  assert full.pc.enabled
+  off = config_helpers.load_config_file(path, "no_pc")
+  assert not off.pc.enabled and off.method == full.method
+  with pytest.raises(KeyError, match="train.num_stepz"):
+    config_helpers.load_config_file("tiny", **{"train.num_stepz": 3})

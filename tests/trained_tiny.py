@@ -7,22 +7,17 @@ trivially zero.
 """
 
 import atexit
-import importlib.util
-import os
 import shutil
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from boxseg_jax import config_helpers
+
 STEPS = 40
 _CACHE = {}
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.train.num_steps = STEPS
   c.train.eval_every_steps = STEPS // 2
   c.train.log_every_steps = STEPS // 2

@@ -9,10 +9,9 @@ asynchronous device call. With `solve_dtype="float64"` everything runs inside
 float32 because its params and inputs are float32).
 """
 
-import functools
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

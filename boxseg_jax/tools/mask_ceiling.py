@@ -20,7 +20,6 @@ the ceiling of the mask format at this resolution.
 import json
 from typing import Dict
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np

@@ -20,7 +20,6 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import numpy as np
 from PIL import Image, ImageDraw
 
 from boxseg_jax import cli

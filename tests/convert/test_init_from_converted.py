@@ -8,7 +8,6 @@ scratch initialisation. Fine-tuning on another number of classes
 re-initialises the class-dependent leaves only, and logs them.
 """
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 import fake_torch
+from boxseg_jax import config_helpers
 from boxseg_jax.convert import condinst as condinst_conv
 from boxseg_jax.convert import weights
 from boxseg_jax.train import loop
@@ -29,11 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.train.num_steps = 0
   c.train.eval_at_end = False
   return c

@@ -1,6 +1,5 @@
 """mask_ceiling: GT through the CondInst mask output path."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,7 @@ import sys
 
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax.tools import mask_ceiling
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -15,11 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def _tiny():
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.data.shapes.num_val = 12
   return c
 

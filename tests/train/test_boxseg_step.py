@@ -8,14 +8,13 @@ own canvas; thresholds are opened (candidate score 0, IoU 0, τ 0) so that a
 randomly initialised teacher (σ(cls) ≈ the 0.01 prior) still labels GTs.
 """
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax import config as config_lib
 from boxseg_jax.data import features
 from boxseg_jax.data import pipeline
@@ -24,16 +23,9 @@ from boxseg_jax.train import models
 from boxseg_jax.train import optim
 from boxseg_jax.train import step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
 
 def _config():
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.method = "boxseg"
   c.loss.cls_loss = "varifocal"
   c.eval.score_thresh = 0.0

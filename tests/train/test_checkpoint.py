@@ -6,7 +6,6 @@ corrupted on disk the way a full disk, a killed copy or a stray ``rm`` does.
 """
 
 import glob
-import importlib.util
 import logging
 import os
 import shutil
@@ -15,22 +14,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import loop
 from boxseg_jax.train import models
 from boxseg_jax.train import optim
 from boxseg_jax.train import step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
 
 def _config(**model):
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   for k, v in model.items():
     c.model[k] = v
   return c

@@ -3,7 +3,6 @@
 All runs use configs/tiny.py (a small CondInst on 64x64 `shapes`).
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax.data import pipeline
 from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import loop
@@ -27,11 +27,7 @@ N = 6
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.train.num_steps = N
   c.train.log_every_steps = 1
   c.train.eval_at_end = False

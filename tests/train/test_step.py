@@ -6,14 +6,13 @@ opened (score 0, IoU 0) so that a randomly initialised teacher still labels
 every GT and the pseudo-mask losses are not vacuous.
 """
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax import config as config_lib
 from boxseg_jax.data import features
 from boxseg_jax.data import pipeline
@@ -23,16 +22,9 @@ from boxseg_jax.train import models
 from boxseg_jax.train import optim
 from boxseg_jax.train import step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
 
 def _config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_helpers.load_config_file("tiny")
   c.method = "boxteacher"
   c.eval.score_thresh = 0.0
   c.eval.max_detections = 20
