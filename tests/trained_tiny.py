@@ -7,11 +7,13 @@ trivially zero.
 """
 
 import atexit
+import os
 import shutil
 import tempfile
 
 from boxseg_jax import config_helpers
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
 _CACHE = {}
 
