@@ -4,10 +4,7 @@ placement, occlusion and box re-derivation, canvas and padding, the empty
 bank, and the per-device banks of a 4-device mesh.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -433,13 +430,9 @@ print("RESULT " + json.dumps({"diffs": diffs, "pasted": pasted,
 
 
 def test_four_device_banks_equal_four_one_device_runs():
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][0]
-  res = json.loads(line[len("RESULT "):])
+  # Imported here: SHARDED_SCRIPT imports this module from tests/methods/.
+  import forced_devices  # pylint: disable=g-import-not-at-top
+  res = forced_devices.run(SHARDED_SCRIPT)
   assert res["diffs"] == []
   # Not vacuous: the banks filled and images were pasted.
   assert res["pasted"] > 0 and sum(res["sizes"]) > 0

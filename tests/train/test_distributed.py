@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import forced_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
@@ -52,13 +54,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_four_devices_equal_one_device():
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][0]
-  res = json.loads(line[len("RESULT "):])
+  res = forced_devices.run(SHARDED_SCRIPT)
   one, four = res["1"], res["4"]
   assert one["num_pos"] == four["num_pos"] > 0
   assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
