@@ -58,6 +58,7 @@ import jax.numpy as jnp
 
 from boxseg_jax.losses import boxinst
 from boxseg_jax.ops import boxes as box_ops
+from boxseg_jax.ops import grid_masks as gmask
 from boxseg_jax.ops import resample
 
 TYPES = ('instance', 'segmentation', 'simple')
@@ -218,13 +219,10 @@ def admission(boxes: jnp.ndarray, valid: jnp.ndarray, masks: jnp.ndarray,
   return valid & isolated & high & area
 
 
-def _first_last(any_: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """First index and one past the last True of `[..., L]` (0, 0 if none)."""
-  size = any_.shape[-1]
-  first = jnp.argmax(any_, axis=-1)
-  last = size - jnp.argmax(any_[..., ::-1], axis=-1)
-  has = any_.any(-1)
-  return jnp.where(has, first, 0), jnp.where(has, last, 0)
+# Shared with CutLER's copy-paste (ops/grid_masks.py): boxes and the
+# full-resolution union of block-upsampled stride-grid masks.
+shifted_boxes = gmask.block_boxes
+full_mask = gmask.block_upsample
 
 
 def fit_in_crop(eligible: jnp.ndarray, masks: jnp.ndarray, cfg: PCConfig
@@ -242,8 +240,8 @@ def fit_in_crop(eligible: jnp.ndarray, masks: jnp.ndarray, cfg: PCConfig
   hg, wg = masks.shape[-2:]
   hcg, wcg = cfg.crop[0] // s, cfg.crop[1] // s
   m = masks > 0.5
-  r0, r1 = _first_last(m.any(-1))
-  c0, c1 = _first_last(m.any(-2))
+  r0, r1 = gmask.first_last(m.any(-1))
+  c0, c1 = gmask.first_last(m.any(-2))
   big = jnp.int32(1 << 20)
 
   def visit(carry, j):
@@ -434,58 +432,6 @@ def shifted_masks(crop_masks: jnp.ndarray, origin: jnp.ndarray,
   return g & ok_y[None, :, None] & ok_x[None, None, :] & region[None]
 
 
-def shifted_boxes(crop_masks: jnp.ndarray, origin: jnp.ndarray,
-                  image_hw: tuple[jnp.ndarray, jnp.ndarray], stride: int
-                  ) -> jnp.ndarray:
-  """Tight boxes of the shifted full-resolution masks, `[K, 4]`.
-
-  Crop cell `(i, j)` covers target pixels `[oy + s i, oy + s i + s)` x
-  `[ox + s j, ...)`, clipped to the image `[0, h) x [0, w)`; the box is the
-  code's `(x_min, y_min, x_max + 1, y_max + 1)` of their union (0 if
-  empty).
-  """
-  k, hcg, wcg = crop_masks.shape
-  h, w = image_hw
-  s = stride
-  ys = origin[0] + s * jnp.arange(hcg)
-  xs = origin[1] + s * jnp.arange(wcg)
-  ok = (crop_masks & ((ys < h) & (ys + s > 0))[None, :, None] &
-        ((xs < w) & (xs + s > 0))[None, None, :])
-  rows, cols = ok.any(-1), ok.any(-2)
-  r0, r1 = _first_last(rows)
-  c0, c1 = _first_last(cols)
-  y0 = jnp.maximum(ys[jnp.minimum(r0, hcg - 1)], 0)
-  y1 = jnp.minimum(ys[jnp.maximum(r1 - 1, 0)] + s, h)
-  x0 = jnp.maximum(xs[jnp.minimum(c0, wcg - 1)], 0)
-  x1 = jnp.minimum(xs[jnp.maximum(c1 - 1, 0)] + s, w)
-  has = rows.any(-1)
-  return jnp.where(has[:, None], jnp.stack([x0, y0, x1, y1], -1),
-                   0).astype(jnp.float32)
-
-
-def full_mask(crop_mask: jnp.ndarray, origin: jnp.ndarray,
-              image_valid: jnp.ndarray, stride: int
-              ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """The crop-grid mask `[hc, wc]` at full resolution on the target.
-
-  Returns:
-    `(U [H, W] bool, rows [H], cols [W])`: the block-upsampled mask inside
-    the target image, and the crop pixel row / column each target pixel
-    reads (clipped; meaningful where `U`).
-  """
-  hcg, wcg = crop_mask.shape
-  height, width = image_valid.shape
-  s = stride
-  fy = jnp.arange(height) - origin[0]
-  fx = jnp.arange(width) - origin[1]
-  ok_y = (fy >= 0) & (fy < hcg * s)
-  ok_x = (fx >= 0) & (fx < wcg * s)
-  rows = jnp.clip(fy, 0, hcg * s - 1)
-  cols = jnp.clip(fx, 0, wcg * s - 1)
-  u = crop_mask[rows // s][:, cols // s] & ok_y[:, None] & ok_x[None, :]
-  return u & image_valid, rows, cols
-
-
 def rederive_boxes(boxes: jnp.ndarray, covered: jnp.ndarray,
                    image_hw: tuple[jnp.ndarray, jnp.ndarray]
                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -522,8 +468,8 @@ def rederive_boxes(boxes: jnp.ndarray, covered: jnp.ndarray,
               (row_cov < (c1 - c0 + 1)[:, None]))
   col_left = ((xs >= c0[:, None]) & (xs <= c1[:, None]) &
               (col_cov < (r1 - r0 + 1)[:, None]))
-  y0, y1 = _first_last(row_left)
-  x0, x1 = _first_last(col_left)
+  y0, y1 = gmask.first_last(row_left)
+  x0, x1 = gmask.first_last(col_left)
   nonempty = row_left.any(-1) & (r1 >= r0) & (c1 >= c0)
   return jnp.stack([x0, y0, x1, y1], -1).astype(jnp.float32), nonempty
 
@@ -586,7 +532,8 @@ def paste_one(bank: dict, ex: dict, key: jax.Array, step: jax.Array,
   pasted_obj = pasted_obj & pasted
   grid_masks = grid_masks & pasted_obj[:, None, None]
   union_crop = (crop_masks & pasted_obj[:, None, None]).any(0)
-  cover, rows, cols = full_mask(union_crop, origin, ex['image_valid'], s)
+  cover, rows, cols = gmask.block_upsample(union_crop, origin,
+                                           ex['image_valid'], s)
 
   # Step 5: composite and label update.
   def composite(target, source):
@@ -607,8 +554,8 @@ def paste_one(bank: dict, ex: dict, key: jax.Array, step: jax.Array,
   dropped = valid & ~keep
   t_boxes = jnp.where(pasted, new_boxes, boxes) * keep[:, None]
   t_masks = jnp.where(pasted, occluded, masks) * keep[:, None, None]
-  peer_boxes = shifted_boxes(crop_masks & pasted_obj[:, None, None], origin,
-                             image_hw, s)
+  peer_boxes = gmask.block_boxes(crop_masks & pasted_obj[:, None, None],
+                                 origin, image_hw, s)
   p = cfg.max_pasted
   if p == 1:
     pick = obj[None]
