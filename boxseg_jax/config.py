@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.val = "shapes:val"
   c.data.tfds_data_dir = ""        # "" = TFDS default
   c.data.num_train_images = -1     # > 0: only the first N training images
+  # A COCO JSON replacing coco:ROOT:SPLIT's own annotation file for training
+  # (images still read from ROOT/SPLIT): MaskCut's or a self-training
+  # round's pseudo masks ("" = ROOT/annotations/instances_SPLIT.json).
+  c.data.train_annotations = ""
   c.data.canvas = (1344, 1344)     # fixed padded (H, W), multiples of 32
   c.data.max_instances = 100
   c.data.train_short_sizes = COCO_TRAIN_SHORT_SIZES
@@ -171,6 +175,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.pc.learner = "random"             # random GT of the class | lowest_s
   c.pc.color_view = "pasted"          # pasted | unpasted (the code's bug)
 
+  # CutLER (method "cutler", methods/cutler.py; reference §6, docs/cutler.md):
+  # DropLoss on the FCOS classification loss and copy-paste in the step.
+  # Round 0 values; self-training rounds take theirs from c.self_train.
+  c.cutler = ml_collections.ConfigDict()
+  c.cutler.droploss = True
+  c.cutler.droploss_iou_thresh = 0.01
+  c.cutler.copy_paste = True
+  c.cutler.copy_paste_rate = 1.0
+  c.cutler.copy_paste_random_num = True  # [1, n-1] copies (never all)
+  c.cutler.copy_paste_min_ratio = 0.3
+  c.cutler.copy_paste_max_ratio = 1.0
+  c.cutler.copy_paste_ioy_thresh = 0.5
+  c.cutler.copy_paste_swap_xy_quirk = False  # True: the reference's bug
+
+  # CutLER self-training (python -m boxseg_jax.self_train; reference §6.2,
+  # §6.4): round t >= 1 predicts on the training images with round t-1,
+  # merges with round t-1's annotations and trains from round t-1's weights.
+  c.self_train = ml_collections.ConfigDict()
+  c.self_train.score_thresh = 0.75    # kept predictions: score >= 0.75 -
+  c.self_train.score_thresh_step = 0.05  # 0.05 t (0.7, 0.65)
+  c.self_train.iou_thresh = 0.5       # old mask kept iff max IoU < it
+  c.self_train.max_detections = 30    # TEST.DETECTIONS_PER_IMAGE
+  c.self_train.predict_score_thresh = 0.0  # SCORE_THRESH_TEST
+  c.self_train.area_quirk = False     # True: area = bbox w * h (reference)
+  c.self_train.swap_wh_quirk = False  # True: width/height from size, swapped
+  c.self_train.droploss = False
+  c.self_train.copy_paste_min_ratio = 0.5
+  c.self_train.copy_paste_max_ratio = 1.0
+  c.self_train.base_lr = 0.005
+  c.self_train.num_steps = 80000
+  c.self_train.lr_boundaries = ()
+  c.self_train.gamma = 1.0
+  # Round 0's pseudo masks made by the command itself when
+  # data.train_annotations is "" (MaskCut on data.train's images, limited
+  # to data.num_train_images): a configs/maskcut.py arg ("" = off).
+  c.self_train.maskcut = ""
+  c.self_train.maskcut_fixed_size = 480
+  c.self_train.maskcut_weights = ""   # DINO .pth; "" needs random_init
+  c.self_train.maskcut_random_init = False
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"                # sgd | adamw
   c.optim.base_lr = 0.01
@@ -209,6 +253,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.thresh_with_ctr = True
   c.eval.num_images = -1              # -1: the whole val set
   c.eval.use_teacher = False
+  # CutLER's protocol: every GT category merged into one ("object") and
+  # every prediction scored against it, for box and mask AP.
+  c.eval.class_agnostic = False
   # BoxTeacher inference (reference §4.8): score = sqrt(c * mean mask prob).
   c.eval.rescore = False
   # Every evaluation also scores the same detections with each box filled
@@ -445,6 +492,9 @@ TUPLE_FIELDS = {
     "loss.sizes_of_interest": _TupleRule(
         "4 increasing positive numbers (bounds of the 5 FPN levels)", (4,),
         float, lambda v: v[0] > 0 and _increasing(v)),
+    "self_train.lr_boundaries": _TupleRule(
+        "increasing non-negative step ints", None, int,
+        lambda v: all(x >= 0 for x in v) and _increasing(v)),
     "optim.lr_boundaries": _TupleRule(
         "increasing non-negative step ints", None, int,
         lambda v: all(x >= 0 for x in v) and _increasing(v)),

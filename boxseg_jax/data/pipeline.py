@@ -29,7 +29,8 @@ from boxseg_jax.data import transforms
 
 def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
                 tfds_data_dir: Optional[str] = None, with_masks: bool = False,
-                role: str = "train", require_masks: bool = False):
+                role: str = "train", require_masks: bool = False,
+                annotation_file: Optional[str] = None):
   """Builds the random-access source named by ``spec``.
 
   Args:
@@ -42,6 +43,9 @@ def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
     require_masks: every instance must have a GT mask (mask supervision);
       a dataset without them is an error naming it (``shapes`` always has
       masks).
+    annotation_file: ``coco:`` only: this COCO JSON instead of
+      ``ROOT/annotations/instances_SPLIT.json`` (images from ``ROOT/SPLIT``),
+      e.g. pseudo masks (``data.train_annotations``).
   """
   kind, _, rest = spec.partition(":")
   if kind == "shapes":
@@ -62,7 +66,11 @@ def make_source(spec: str, *, shapes_cfg: Optional[Any] = None,
     if not sep or not root or not split:
       raise ValueError(f"dataset {spec!r}: expected coco:ROOT:SPLIT")
     return coco.CocoSource(root, split, with_masks=with_masks,
-                           require_masks=require_masks)
+                           require_masks=require_masks,
+                           annotation_file=annotation_file or None)
+  if annotation_file:
+    raise ValueError(f"dataset {spec!r}: an annotation file "
+                     f"({annotation_file}) only applies to coco:ROOT:SPLIT")
   if kind == "tfds":
     name, sep, split = rest.rpartition(":")
     if not sep or not name:

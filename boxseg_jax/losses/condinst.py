@@ -157,6 +157,22 @@ def select_instances(outputs: dict, targets: dict, example_valid, *,
   raise ValueError(f'unknown proposal_selection {proposal_selection!r}')
 
 
+def batch_targets(batch: dict, *, num_classes: int,
+                  sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
+                  center_sampling_radius: float = 1.5) -> dict:
+  """FCOS targets of a batch on its canvas (`targets.fcos_targets`, `[B, L,
+  ...]`): what `condinst_losses` computes when given `targets=None`, for
+  callers that need them before the loss (e.g. DropLoss weights)."""
+  height, width = batch['image_valid'].shape[1:]
+  locs = fcos_locations(height, width)
+  return targets_lib.batch_fcos_targets(
+      jnp.asarray(locs.points), jnp.asarray(locs.levels),
+      jnp.asarray(locs.strides), batch['boxes'], batch['labels'],
+      batch['instance_valid'], num_classes=num_classes,
+      sizes_of_interest=sizes_of_interest,
+      center_sampling_radius=center_sampling_radius)
+
+
 def condinst_losses(outputs: dict,
                     targets: dict | None,
                     batch: dict,
@@ -254,11 +270,9 @@ def condinst_losses(outputs: dict,
   points = jnp.asarray(locs.points)
   levels = jnp.asarray(locs.levels)
   if targets is None:
-    targets = targets_lib.batch_fcos_targets(
-        points, levels, jnp.asarray(locs.strides), batch['boxes'],
-        batch['labels'], batch['instance_valid'], num_classes=num_classes,
-        sizes_of_interest=sizes_of_interest,
-        center_sampling_radius=center_sampling_radius)
+    targets = batch_targets(batch, num_classes=num_classes,
+                            sizes_of_interest=sizes_of_interest,
+                            center_sampling_radius=center_sampling_radius)
 
   aux = fcos_losses(outputs, targets, example_valid, box_quality=box_quality,
                     cls_loss=cls_loss, vfl_alpha=vfl_alpha,

@@ -91,7 +91,9 @@ def visualize(config, output: str, num_batches: int = 1,
   spec = config.data.train if split == "train" else config.data.val
   source = pipeline.make_source(
       spec, shapes_cfg=config.data.shapes, role=split, with_masks=True,
-      tfds_data_dir=config.data.tfds_data_dir or None)
+      tfds_data_dir=config.data.tfds_data_dir or None,
+      annotation_file=(config.data.train_annotations or None
+                       if split == "train" else None))
   name = f"data.{split}={spec}"
   limit = config.data.max_consecutive_skips
   has_masks = "masks" in first_loadable(source, limit, name)

@@ -22,9 +22,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from boxseg_jax.losses import condinst as condinst_losses
 from boxseg_jax.losses import mask_terms
 from boxseg_jax.methods import boxteacher
+from boxseg_jax.methods import cutler
 from boxseg_jax.methods import pc
 from boxseg_jax.methods import qam
 from boxseg_jax.ops import detections
+from boxseg_jax.ops.locations import fcos_locations
 from boxseg_jax.train import state as state_lib
 
 def normalize_image(image: jax.Array, model_cfg) -> jax.Array:
@@ -112,6 +114,43 @@ def _teacher_raw_outputs(config) -> Callable:
   return lambda outputs: outputs
 
 
+def _num_devices(config) -> int:
+  """The ``data`` mesh size ``make_mesh`` builds for ``config``."""
+  n = config.train.num_devices
+  return n if n > 0 else jax.device_count()
+
+
+def _cutler_copy_paste(config) -> Optional[Callable]:
+  c = config.cutler
+  if not c.copy_paste:
+    return None
+  cfg = cutler.CopyPasteConfig(
+      rate=c.copy_paste_rate, random_num=c.copy_paste_random_num,
+      min_ratio=c.copy_paste_min_ratio, max_ratio=c.copy_paste_max_ratio,
+      ioy_thresh=c.copy_paste_ioy_thresh,
+      swap_xy_quirk=c.copy_paste_swap_xy_quirk)
+  num_devices = _num_devices(config)
+  return lambda batch, rng: cutler.copy_paste(batch, rng, cfg,
+                                              num_devices=num_devices)
+
+
+def _cutler_droploss(config) -> Optional[Callable]:
+  c = config.cutler
+  if not c.droploss:
+    return None
+  h, w = config.data.canvas
+  locs = fcos_locations(h, w)
+
+  def fn(outputs, targets, batch):
+    return cutler.droploss_weights(
+        outputs["reg"], jnp.asarray(locs.points), jnp.asarray(locs.strides),
+        batch["boxes"], batch["instance_valid"],
+        targets["positive"] & batch["example_valid"][:, None],
+        iou_thresh=c.droploss_iou_thresh)
+
+  return fn
+
+
 # What a method's pseudo labels read of the teacher's forward: its
 # detections at the test thresholds (NMS, <= eval.max_detections per image)
 # or its raw network outputs (BoxSeg's QAM selects pre-NMS candidates).
@@ -133,11 +172,19 @@ class Method:
       None: no teacher forward.
     needs_masks: trains on GT masks (``data.with_masks``).
     teacher_reads: a key of ``TEACHER_READS``.
+    augment: ``config -> fn(batch, rng) -> (batch, metrics)`` or None: an
+      in-step augmentation of the labelled batch (after the bank piece,
+      before the student forward), e.g. CutLER's copy-paste.
+    location_weights: ``config -> fn(outputs, targets, batch) -> [B, L]``
+      or None: a detached weight of each location's classification loss
+      (``fcos_losses``' ``cls_location_weight``), e.g. DropLoss.
   """
   mask_terms: Callable
   pseudo_labels: Optional[Callable] = None
   needs_masks: bool = False
   teacher_reads: str = "detections"
+  augment: Callable = lambda config: None
+  location_weights: Callable = lambda config: None
 
 
 METHODS = {
@@ -152,6 +199,12 @@ METHODS = {
     # PC on top of BoxInst (the paper's Table 6).
     "boxinst_pc": Method(_boxinst_terms, _qam_labels,
                          teacher_reads="outputs"),
+    # CutLER (reference §6): dice on class-agnostic pseudo masks (MaskCut's
+    # or a self-training round's), copy-paste in the step, DropLoss on the
+    # FCOS classification loss (``config.cutler``; methods/cutler.py).
+    "cutler": Method(_gt_mask_terms, needs_masks=True,
+                     augment=_cutler_copy_paste,
+                     location_weights=_cutler_droploss),
 }
 
 
@@ -237,8 +290,15 @@ def make_detect_fn(config: ml_collections.ConfigDict) -> Callable:
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+  # One reduction over the leaves' concatenation (XLA fuses the concat into
+  # it): a reduction per leaf is hundreds of kernels and minutes of CPU
+  # compile time, for the same bytes read.
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.isfinite(jnp.concatenate(
+      [x.astype(jnp.float32) for x in leaves])))
 
 
 def teacher_forward(model, params, batch_stats, image: jax.Array,
@@ -318,6 +378,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
   label_fn = (make_pseudo_label_fn(model, config) if method.pseudo_labels
               else None)
   bank_fn = make_bank_fn(config)
+  augment_fn = method.augment(config)
+  weight_fn = method.location_weights(config)
   oracle = config.train.oracle_pseudo_labels
   if oracle and (label_fn is None or not config.train.monitor_pseudo_labels):
     raise ValueError("train.oracle_pseudo_labels needs a method with pseudo "
@@ -342,15 +404,30 @@ def make_train_step(model, tx: optax.GradientTransformation,
     # sees a paste), before the student's forward.
     bank, loss_batch, bank_metrics = bank_fn(state.bank, loss_batch,
                                              state.step)
+    if augment_fn is not None:
+      # Its own stream: the other draws stay those of runs without it.
+      loss_batch, augment_metrics = augment_fn(
+          loss_batch, jax.random.fold_in(rng, 0xC0C0))
+      bank_metrics = {**bank_metrics, **augment_metrics}
     image = normalize_image(loss_batch["image"], config.model)
+    targets = None
+    if weight_fn is not None:
+      targets = condinst_losses.batch_targets(
+          loss_batch, num_classes=config.model.num_classes,
+          sizes_of_interest=kwargs["sizes_of_interest"],
+          center_sampling_radius=kwargs["center_sampling_radius"])
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       outputs, new_vars = model.apply(variables, image, train=True,
                                       mutable=["batch_stats"])
+      cls_weight = (None if weight_fn is None else
+                    weight_fn(outputs, targets, loss_batch))
       total, aux = condinst_losses.condinst_losses(
-          outputs, None, loss_batch, mask_terms=terms, step=state.step,
-          rng=rng, **kwargs)
+          outputs, targets, loss_batch, mask_terms=terms, step=state.step,
+          rng=rng, cls_location_weight=cls_weight, **kwargs)
+      if cls_weight is not None:
+        aux["droploss_kept"] = cls_weight.mean()
       return total, (aux, new_vars["batch_stats"])
 
     (total, (aux, batch_stats)), grads = jax.value_and_grad(
@@ -365,25 +442,25 @@ def make_train_step(model, tx: optax.GradientTransformation,
                  _all_finite(batch_stats) & _all_finite(ema_batch_stats))
     ok = loss_ok & grads_ok & update_ok
 
-    def keep(new, old):
-      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-    batch_stats = keep(batch_stats, state.batch_stats)
-    if label_fn is None:
-      # No teacher forward: the teacher's BN statistics are the student's
-      # (never the init values), so `eval.use_teacher` evaluates the EMA
-      # weights with real statistics.
-      ema_batch_stats = batch_stats
-    else:
-      ema_batch_stats = keep(ema_batch_stats, state.ema_batch_stats)
+    new = dict(params=params, opt_state=opt_state, batch_stats=batch_stats,
+               bank=bank)
+    old = dict(params=state.params, opt_state=state.opt_state,
+               batch_stats=state.batch_stats, bank=state.bank)
+    if label_fn is not None:
+      new["ema_batch_stats"] = ema_batch_stats
+      old["ema_batch_stats"] = state.ema_batch_stats
+    # One conditional keeps the whole update or none of it. (A `where` per
+    # leaf means the same, but is hundreds of tiny kernels: it tripled the
+    # step's compile time on CPU.)
+    kept = jax.lax.cond(ok, lambda: new, lambda: old)
+    # No teacher forward: the teacher's BN statistics are the student's
+    # (never the init values), so `eval.use_teacher` evaluates the EMA
+    # weights with real statistics.
+    kept.setdefault("ema_batch_stats", kept["batch_stats"])
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        batch_stats=batch_stats,
-        ema_batch_stats=ema_batch_stats,
         ema_params=ema_params,
-        bank=keep(bank, state.bank),
+        **kept,
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1))
     metrics = {k: v.astype(jnp.float32) for k, v in aux.items()}
