@@ -8,7 +8,8 @@ Command (DINO weights from the official release, read without torch):
 
 Defaults are the README / released-file setting of CutLER (reference §5.1):
 ViT-B/8 keys, 480 x 480 input (60 x 60 patches), tau 0.15, N = 3 masks,
-DenseCRF post-processing. `arg` picks variants, comma separated: an arch
+DenseCRF post-processing when pydensecrf is installed (skipped with a
+warning otherwise, recorded in the JSON's `info`). `arg` picks variants, comma separated: an arch
 (`vit_small16`, `vit_small8`, `vit_base16`, `vit_base8`), a solver (`eigh`,
 `lobpcg`), `nocrf`, or `script` (the `maskcut.py` argparse defaults: ViT-S/16,
 tau 0.2), e.g. `--config=configs/maskcut.py:vit_small16,lobpcg`.
@@ -51,7 +52,11 @@ def get_config(arg=None):
   c.maskcut.tie_rtol = 1e-5
 
   c.post = ml_collections.ConfigDict()
-  c.post.crf = True  # needs pydensecrf (pip pydensecrf2)
+  # DenseCRF when pydensecrf (pip pydensecrf2, the `crf` extra) imports;
+  # without it the step is skipped with one warning, and the output JSON's
+  # info says which (crf, crf_note). crf_required: its absence is an error.
+  c.post.crf = True
+  c.post.crf_required = False
   c.post.crf_iou_thresh = 0.5
 
   for token in (arg.split(",") if arg else []):

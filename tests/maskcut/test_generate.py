@@ -70,13 +70,37 @@ def test_weights_must_match_the_configured_arch(tmp_path):
     generate.load_params(_small_config(), path, random_init=False)
 
 
-def test_crf_requested_but_missing_is_a_clear_error(tmp_path):
+def test_crf_required_but_missing_is_a_clear_error(tmp_path):
   from boxseg_jax.maskcut import crf  # pylint: disable=g-import-not-at-top
   if crf.crf_available():
     pytest.skip("pydensecrf is installed")
-  cfg = _small_config(**{"post.crf": True})
+  cfg = _small_config(**{"post.crf": True, "post.crf_required": True})
   with pytest.raises(generate.ConfigError, match="pydensecrf2"):
     generate.run(cfg, [], None, str(tmp_path / "x.json"), progress=False)
+
+
+def test_crf_default_is_used_when_importable_else_skipped_once(
+    tmp_path, monkeypatch, caplog):
+  from boxseg_jax.maskcut import crf  # pylint: disable=g-import-not-at-top
+  cfg = maskcut_config.get_config()
+  assert cfg.post.crf and not cfg.post.crf_required
+  monkeypatch.setattr(crf, "crf_available", lambda: False)
+  with caplog.at_level("WARNING"):
+    assert generate.crf_choice(cfg) == (
+        False, "skipped (pydensecrf not installed)")
+  assert sum("SKIPPED" in r.getMessage() for r in caplog.records) == 1
+  monkeypatch.setattr(crf, "crf_available", lambda: True)
+  assert generate.crf_choice(cfg) == (True, "on (pydensecrf)")
+  off = maskcut_config.get_config("nocrf")
+  assert generate.crf_choice(off) == (False, "off (post.crf=False)")
+  # The choice is recorded in the output JSON's info.
+  monkeypatch.setattr(crf, "crf_available", lambda: False)
+  out = tmp_path / "x.json"
+  small = _small_config(**{"post.crf": True})
+  stats = generate.run(small, [], None, str(out), progress=False)
+  info = json.loads(out.read_text())["info"]
+  assert info["crf"] is False and info["crf_note"].startswith("skipped")
+  assert stats["crf"] == info["crf_note"]
 
 
 def test_run_on_glob_skips_bad_images_and_compiles_once(tmp_path):
