@@ -121,8 +121,11 @@ def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
     params = ckpt_lib.merge_init_params(
         jax.device_get(state.params), loaded, tuple(config.init_keys),
         config.init)
+    # Two device copies: the step donates the state, and one buffer cannot
+    # be donated twice (params and ema_params).
+    ema_params = jax.device_put(params, rep)
     params = jax.device_put(params, rep)
-    state = state.replace(params=params, ema_params=params,
+    state = state.replace(params=params, ema_params=ema_params,
                           opt_state=jax.jit(tx.init, out_shardings=rep)(
                               params))
     logging.info("Initialised %s from %s", list(config.init_keys),
@@ -211,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       config.data.train, shapes_cfg=config.data.shapes, role="train",
       with_masks=config.data.with_masks or monitor,
       require_masks=config.data.with_masks or monitor,
-      tfds_data_dir=config.data.tfds_data_dir or None)
+      tfds_data_dir=config.data.tfds_data_dir or None,
+      annotation_file=config.data.train_annotations or None)
   if config.data.num_train_images > 0:
     source = eval_lib.Subset(source, config.data.num_train_images)
   config_lib.check_num_classes(config, source,
