@@ -113,6 +113,23 @@ def _complete_annotations(data: Dict[str, Any]) -> Dict[str, Any]:
   return data
 
 
+AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
+
+
+def class_agnostic(gt: COCO) -> COCO:
+  """``gt`` with every category merged into one (``AGNOSTIC_CATEGORY``).
+
+  CutLER's evaluation protocol (reference §8): a class-agnostic detector
+  is scored on box and mask AP against all objects of the dataset. The
+  annotations are copied (``gt`` is unchanged); crowd regions stay crowd.
+  """
+  data = dict(gt.dataset)
+  data["annotations"] = [dict(a, category_id=AGNOSTIC_CATEGORY["id"])
+                         for a in gt.dataset["annotations"]]
+  data["categories"] = [dict(AGNOSTIC_CATEGORY)]
+  return coco_from_dict(data)
+
+
 def coco_from_dict(data: Dict[str, Any]) -> COCO:
   gt = COCO()
   gt.dataset = data

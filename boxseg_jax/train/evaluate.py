@@ -81,8 +81,15 @@ class Evaluator:
       else:
         source = Subset(source, config.eval.num_images)
     self.source = source
-    config_lib.check_num_classes(config, source,
-                                 f"data.val={config.data.val}")
+    self.class_agnostic = bool(config.eval.class_agnostic)
+    if self.class_agnostic:
+      # Every prediction counts as the one merged category.
+      self.category_ids = (coco_eval.AGNOSTIC_CATEGORY["id"],) * (
+          config.model.num_classes)
+    else:
+      config_lib.check_num_classes(config, source,
+                                   f"data.val={config.data.val}")
+      self.category_ids = tuple(source.category_ids)
     self._gt = None
     # {iou_type: image ids or None (all)}; decided before training when
     # the run evaluates, so a val set without masks is known up front.
@@ -109,6 +116,8 @@ class Evaluator:
         finally:
           if old is not None:
             inner.with_masks = old
+      if self.class_agnostic:
+        self._gt = coco_eval.class_agnostic(self._gt)
     return self._gt
 
   @property
@@ -175,7 +184,7 @@ class Evaluator:
             one, image_id=int(batch["image_id"][i]),
             resized_size=tuple(batch["resized_size"][i]),
             orig_size=tuple(batch["orig_size"][i]),
-            label_to_category_id=self.source.category_ids,
+            label_to_category_id=self.category_ids,
             rescore=self.config.eval.rescore,
             boxfill=self.config.eval.boxfill_baselines)
         if len(images) < panel_count:
@@ -190,7 +199,9 @@ class Evaluator:
     return np.asarray(panels.render(
         batch["image"][i], det["boxes"], det["labels"], keep, masks=masks,
         image_valid=batch["image_valid"][i],
-        class_names=self.source.class_names, scores=det["scores"]))
+        class_names=(("object",) * len(self.category_ids)
+                     if self.class_agnostic else self.source.class_names),
+        scores=det["scores"]))
 
   def run(self, state, step: int, writer=None) -> Dict[str, Any]:
     """Evaluates ``state`` and writes ``eval/step_<step>.json``."""

@@ -164,10 +164,15 @@ def class_info(config: ml_collections.ConfigDict
   """(names, COCO category ids) of the model's labels 0..C-1.
 
   From ``data.val`` (same label order as training: categories sorted by
-  id), falling back to ``data.train``, then to ``class_<i>`` / ``i + 1``.
+  id), falling back to ``data.train``, then to ``class_<i>`` / ``i + 1``;
+  with ``eval.class_agnostic``, ``fg`` (one class) / ``class_<i>``.
   """
   from boxseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   num = config.model.num_classes
+  if config.eval.class_agnostic:
+    # Evaluated with every category merged (CutLER): MaskCut's one "fg".
+    names = ("fg",) if num == 1 else tuple(f"class_{i}" for i in range(num))
+    return names, tuple(range(1, num + 1))
   for spec in (config.data.val, config.data.train):
     try:
       src = pipeline.make_source(
