@@ -106,14 +106,21 @@ def merge(previous: Dict[str, Any], predictions: Sequence[Dict[str, Any]],
 
   Returns:
     ``(document, stats)``; stats count ``predictions_kept``,
-    ``old_kept``, ``old_replaced``, ``images_carried_over`` (previous
+    ``predictions_empty`` (above the threshold but with an empty mask:
+    dropped, a decision of ours), ``old_kept``, ``old_replaced``, ``images_carried_over`` (previous
     annotations, no kept prediction), ``images_new`` (predictions only).
   """
   images = {int(img["id"]): img for img in previous["images"]}
   category = int(previous["categories"][0]["id"])
   kept: Dict[int, List[Dict[str, Any]]] = {}
+  num_empty = 0
   for p in predictions:
     if p["score"] >= score_thresh and int(p["image_id"]) in images:
+      img = images[int(p["image_id"])]
+      if not mask_utils.area(_rle(p["segmentation"], int(img["height"]),
+                                  int(img["width"]))):
+        num_empty += 1   # no pixel to learn from (not in the reference)
+        continue
       ann = {k: v for k, v in p.items() if k in (
           "image_id", "bbox", "score", "segmentation")}
       ann["category_id"] = category
@@ -122,8 +129,8 @@ def merge(previous: Dict[str, Any], predictions: Sequence[Dict[str, Any]],
   for a in previous["annotations"]:
     old.setdefault(int(a["image_id"]), []).append(a)
 
-  stats = dict(predictions_kept=0, old_kept=0, old_replaced=0,
-               images_carried_over=0, images_new=0)
+  stats = dict(predictions_kept=0, predictions_empty=num_empty, old_kept=0,
+               old_replaced=0, images_carried_over=0, images_new=0)
   merged: List[Dict[str, Any]] = []
   for image_id, anns in old.items():
     preds = kept.get(image_id)

@@ -4,12 +4,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from boxseg_jax import config as config_lib
 from boxseg_jax import config_helpers
-from boxseg_jax.data import features
-from boxseg_jax.data import pipeline
 from boxseg_jax.losses import fcos
 from boxseg_jax.methods import cutler
 from boxseg_jax.train import loop
@@ -240,41 +236,61 @@ def test_donors_are_the_batch_reversed_per_device():
 # ---------------------------------------------------------------- the step
 
 
+def _synthetic_batch(c, rng):
+  """A batch of the pipeline's shapes and dtypes for config ``c``, with
+  1-3 rectangles per image (masks on the stride-4 grid)."""
+  b, n = c.data.batch_size, c.data.max_instances
+  h, w = c.data.canvas
+  masks = np.zeros((b, n, h // S, w // S), bool)
+  boxes = np.zeros((b, n, 4), np.float32)
+  valid = np.zeros((b, n), bool)
+  for i in range(b):
+    for j in range(1 + i % 3):
+      y0, x0 = rng.integers(0, h // S - 6, 2)
+      hh, ww = rng.integers(3, 6, 2)
+      masks[i, j, y0:y0 + hh, x0:x0 + ww] = True
+      boxes[i, j] = [S * x0, S * y0, S * (x0 + ww), S * (y0 + hh)]
+      valid[i, j] = True
+  image = rng.integers(0, 255, (b, h, w, 3), np.uint8)
+  return {'image': image, 'image_teacher': image.copy(),
+          'image_valid': np.ones((b, h, w), bool), 'boxes': boxes,
+          'labels': np.where(valid, 0, -1).astype(np.int32),
+          'instance_valid': valid, 'example_valid': np.ones((b,), bool),
+          'scale': np.ones((b, 2), np.float32), 'masks': masks}
+
+
 def test_cutler_step_compiles_once_with_copy_paste_and_droploss():
-  c = config_helpers.load_config_file("tiny")
-  c.method = "cutler"
-  c.data.with_masks = True
-  c.data.shapes.num_train = 8
+  # The demo chain test's config (tests/test_self_train.py): the two share
+  # the compiled step through the persistent XLA cache.
+  c = config_helpers.load_config_file('demo_cutler', 'tiny')
   model = models.build_model(c)
-  mesh = step_lib.make_mesh(1)
+  mesh = step_lib.make_mesh(c.train.num_devices)
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(c.data.canvas) + (3,)),
       train=False))
   tx, schedule = optim.make_optimizer(
       c.optim, models.trainable_mask(c, abstract['params']))
   state = loop.init_state(c, model, tx, mesh)
-  src = pipeline.make_source(c.data.train, shapes_cfg=c.data.shapes,
-                             with_masks=True)
-  it = pipeline.TrainInput(src, config_lib.transform_config(c),
-                           batch_size=c.data.batch_size, seed=0)
   traces = [0]
   raw = step_lib.make_train_step(model, tx, schedule, c)
 
-  def counted(s, b):
+  def counted_step(s, b):
     traces[0] += 1
     return raw(s, b)
 
-  step_fn = jax.jit(counted)
+  step_fn = step_lib.jit_train_step(counted_step, mesh)
+  _, sharding = step_lib.shardings(mesh)
+  rng = np.random.default_rng(0)
   pasted = 0.0
   for _ in range(2):
-    batch = {k: jnp.asarray(v)
-             for k, v in features.device_batch(next(it)).items()}
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, loop.global_batch(
+        _synthetic_batch(c, rng), sharding))
     assert float(metrics['update_skipped']) == 0
     assert float(metrics['loss_mask']) > 0
     # DropLoss dropped some negatives, kept the positives.
     assert 0 < float(metrics['droploss_kept']) < 1
     pasted += float(metrics['cp_pasted'])
+    assert float(metrics['cp_copies']) > 0
   assert traces[0] == 1
   assert pasted > 0
   assert int(state.step) == 2
