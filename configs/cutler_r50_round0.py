@@ -20,9 +20,10 @@ COCO val2017 (CutLER's protocol).
 or the whole chain (round 0, then self-training rounds):
 configs/cutler_r50_selftrain.py.
 
-Hardware: 8 accelerators (batch 16), 160k steps. Reference (Cascade Mask
-R-CNN, not CondInst): COCO val class-agnostic box AP 21.3 / mask AP 18.0
-for CutLER after 3 rounds (CutLER paper); not measured with this code.
+Hardware: 8 accelerators (batch 16), 160k steps. Expected result: the
+CutLER paper reports class-agnostic COCO numbers for Cascade Mask R-CNN,
+not CondInst; nothing is measured with this config here (no DINO weights,
+no ImageNet).
 """
 
 from boxseg_jax import config as config_lib
