@@ -12,6 +12,14 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join("/tmp", f"boxseg_jax_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite's programs run a few steps each, so XLA:CPU's compile time is
+# most of its time: LLVM at -O0 halves it (the tiny BoxTeacher step: 100 s
+# -> 57 s on 2 cores) for slower steps. Subprocesses inherit it (their
+# device-count flag is appended: tests/forced_devices.py). Set
+# BOXSEG_TEST_XLA_OPT=1 to test the optimised code instead.
+if os.environ.get("BOXSEG_TEST_XLA_OPT") != "1":
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+      os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COCO_MINI = pathlib.Path(

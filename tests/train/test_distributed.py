@@ -70,7 +70,7 @@ def _free_port():
 
 def test_two_processes_train_one_step_together(tmp_path):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = forced_devices.env_with_devices(1)
   procs = []
   for i in range(2):
     procs.append(subprocess.Popen(
