@@ -16,7 +16,13 @@ before timing, compile time is reported apart):
 * `jax_lobpcg`: the same with LOBPCG on the top-2 of D^-1/2 A D^-1/2
   (float64, tolerance stop; the config default for solver=lobpcg);
 * `jax_lobpcg_defl`: LOBPCG, block 1, with the known top vector deflated;
-* `jax_lobpcg_f32`: LOBPCG top-2 in float32, fixed 100 iterations.
+* `jax_lobpcg_f32`: LOBPCG top-2 in float32, fixed 100 iterations;
+* `jax_lanczos_f32`: deflated Lanczos (full reorthogonalisation, Ritz
+  residual stop, cap 48 steps) in float32, the accelerator path.
+
+Iterations per cut are reported per path (`solver_iters`, with each path's
+cap in `solver_caps`; LOBPCG iterations and Lanczos steps = matrix-vector
+products are not the same unit).
 
 Per path: seconds per image (3 masks), ratio to `scipy_dense` and to
 `scipy_eigsh`, and the IoU of every mask with the reference's. Also one cut's
@@ -49,6 +55,8 @@ _VIT = flags.DEFINE_bool("vit", False, "Also time the ViT-B/8 forward.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", 1, "Timed runs per path; the minimum is reported (use > 1 on "
     "a shared, noisy machine).")
+_NOTE = flags.DEFINE_string(
+    "note", "", "Free text stored in the JSON setup (e.g. machine load).")
 _OUTPUT = flags.DEFINE_string(
     "output", os.path.join(os.path.dirname(__file__), "results",
                            "maskcut.json"), "JSON result file.")
@@ -62,6 +70,8 @@ JAX_PATHS = {
                             lobpcg_iters=200, lobpcg_deflate=True),
     "jax_lobpcg_f32": dict(solver="lobpcg", solve_dtype="float32",
                            lobpcg_iters=100, lobpcg_tol=1e-12),
+    "jax_lanczos_f32": dict(solver="lanczos", solve_dtype="float32",
+                            lanczos_steps=48),
 }
 SCIPY_PATHS = {
     "scipy_dense": reference.fiedler_scipy_dense,
@@ -104,6 +114,9 @@ def _time_one_cut(feats, dims):
       a = jnp.asarray(a64, ncut.DTYPES[dtype])
       if kwargs["solver"] == "eigh":
         fn = jax.jit(lambda m: ncut.fiedler_eigh(m)[0])
+      elif kwargs["solver"] == "lanczos":
+        fn = jax.jit(lambda m, kw=kwargs: ncut.fiedler_lanczos(
+            m, num_steps=kw["lanczos_steps"], tol=kw.get("lanczos_tol"))[0])
       else:
         fn = jax.jit(lambda m, kw=kwargs: ncut.fiedler_lobpcg(
             m, num_iters=kw["lobpcg_iters"], tol=kw.get("lobpcg_tol"),
@@ -140,9 +153,13 @@ def main(argv):
                     device=str(jax.devices()[0].device_kind),
                     platform=jax.default_backend(),
                     cpu_count=os.cpu_count(), machine=platform.machine(),
-                    python=sys.version.split()[0], jax=jax.__version__),
+                    python=sys.version.split()[0], jax=jax.__version__,
+                    note=_NOTE.value,
+                    load_average_start=list(os.getloadavg())),
       "seconds_per_image": {}, "compile_seconds": {}, "solver_iters": {},
       "mask_iou_vs_scipy_dense": {}, "one_cut_seconds": {},
+      "solver_caps": {k: v.get("lanczos_steps", v.get("lobpcg_iters", 0))
+                      for k, v in JAX_PATHS.items()},
   }
   ref_masks = {}
   for name, solver in SCIPY_PATHS.items():
@@ -186,13 +203,16 @@ def main(argv):
   result["one_cut_seconds"] = _time_one_cut(scenes[0], dims)
   if _VIT.value:
     result["vit_base8_480_forward_seconds"] = _time_vit()
+  result["setup"]["load_average_end"] = list(os.getloadavg())
   print("\npath              s/image  x scipy_dense  x scipy_eigsh  one cut"
-        "  min mask IoU vs scipy_dense")
+        "  min mask IoU vs scipy_dense  max iters / cap")
   for k in sec:
     ious = [v for per in result["mask_iou_vs_scipy_dense"][k] for v in per]
     print(f"{k:16s} {sec[k]:8.3f} {result['ratio_vs_scipy_dense'][k]:13.3f} "
           f"{result['ratio_vs_scipy_eigsh'][k]:14.3f} "
-          f"{result['one_cut_seconds'][k]:8.3f}  {min(ious):.4f}")
+          f"{result['one_cut_seconds'][k]:8.3f}  {min(ious):.4f}"
+          f"  {max(result['solver_iters'].get(k, [0]))}"
+          f" / {result['solver_caps'].get(k, '-')}")
   if "vit_base8_480_forward_seconds" in result:
     print(f"ViT-B/8 480x480 forward: "
           f"{result['vit_base8_480_forward_seconds']:.2f} s")

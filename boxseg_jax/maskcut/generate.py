@@ -41,6 +41,7 @@ def maskcut_kwargs(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
   return dict(tau=m.tau, num_masks=m.num_masks, eps=m.eps, solver=m.solver,
               solve_dtype=m.solve_dtype, lobpcg_iters=m.lobpcg_iters,
               lobpcg_tol=m.lobpcg_tol, lobpcg_deflate=m.lobpcg_deflate,
+              lanczos_steps=m.lanczos_steps, lanczos_tol=m.lanczos_tol,
               min_area_ratio=m.min_area_ratio,
               iou_thresh=m.iou_thresh, tie_rtol=m.tie_rtol)
 
@@ -162,9 +163,10 @@ def run(cfg: ml_collections.ConfigDict,
       images.append(dataset_io.image_info(entry, size_wh))
       stats["images"] += 1
       stats["rejected_masks"] += int(np.sum(out["rejected"][j]))
-      if cfg.maskcut.solver == "lobpcg":
-        stats["lobpcg_cap_hits"] += int(
-            np.sum(out["solver_iters"][j] >= cfg.maskcut.lobpcg_iters))
+      if cfg.maskcut.solver in ("lobpcg", "lanczos"):
+        cap = (cfg.maskcut.lobpcg_iters if cfg.maskcut.solver == "lobpcg"
+               else cfg.maskcut.lanczos_steps)
+        stats["lobpcg_cap_hits"] += int(np.sum(out["solver_iters"][j] >= cap))
       for mask in out["image_masks"][j]:
         if not mask.any():
           continue

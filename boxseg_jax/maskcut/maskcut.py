@@ -46,6 +46,8 @@ def maskcut_single(feats: jax.Array, grid_hw: Tuple[int, int], *,
                    lobpcg_iters: int = 100,
                    lobpcg_tol: Optional[float] = None,
                    lobpcg_deflate: bool = False,
+                   lanczos_steps: int = 48,
+                   lanczos_tol: Optional[float] = None,
                    min_area_ratio: float = 0.01,
                    iou_thresh: float = 0.5,
                    tie_rtol: float = 1e-5) -> Dict[str, jax.Array]:
@@ -60,13 +62,16 @@ def maskcut_single(feats: jax.Array, grid_hw: Tuple[int, int], *,
     tau: affinity threshold on cosine similarity.
     num_masks: N, masks per image.
     eps: edge weight below the threshold.
-    solver: "eigh" (dense) or "lobpcg".
+    solver: "eigh" (dense), "lobpcg" or "lanczos" (deflated Lanczos, the
+      float32 / accelerator path).
     solve_dtype: "float64" (call inside `ncut.precision_scope("float64")`)
       or "float32".
     lobpcg_iters: LOBPCG iteration cap.
     lobpcg_tol: LOBPCG tolerance (None: its default, the dtype epsilon).
     lobpcg_deflate: LOBPCG on M with its known top eigenvector deflated
       (block size 1) instead of the top-2 of M.
+    lanczos_steps: Lanczos step cap.
+    lanczos_tol: Lanczos Ritz-residual tolerance (None: its default).
     min_area_ratio: masks i >= 1 with area / (h * w) <= this are rejected.
     iou_thresh: masks i >= 1 with IoU(previous, mask) > this are rejected.
     tie_rtol: seed candidates within `tie_rtol * max|x|` of the best tie and
@@ -78,7 +83,8 @@ def maskcut_single(feats: jax.Array, grid_hw: Tuple[int, int], *,
       "eigvecs" [N, h * w] float32 Fiedler vectors (raw sign);
       "eigvals" [N] float32 their generalised eigenvalues;
       "rejected" [N] bool; "solver_iters" [N] int32 LOBPCG iterations (0
-      for eigh; == lobpcg_iters means the cap was hit).
+      for eigh; Lanczos steps for lanczos; == the solver's cap means the
+      cap was hit).
   """
   if solver not in ncut.SOLVERS:
     raise ValueError(f"solver must be one of {ncut.SOLVERS}, got {solver!r}")
@@ -93,15 +99,34 @@ def maskcut_single(feats: jax.Array, grid_hw: Tuple[int, int], *,
   dtype = ncut.DTYPES[solve_dtype]
   painting = jnp.zeros((n,), bool)
   prev = jnp.zeros((n,), bool)
+  # A painted (zeroed) patch has cosine similarity exactly 0 with every
+  # patch and the others' similarities do not change, so each similarity
+  # matrix is computed once per dtype and later graphs mask it (same values
+  # as recomputing it from the zeroed features: one [n, C] x [C, n] product
+  # per dtype instead of one per cut).
+  sims = {}
+
+  def sim(dt):
+    if dt not in sims:
+      sims[dt] = ncut.cosine_similarity(feats.astype(dt))
+    return sims[dt]
+
+  painted_value = 1.0 if 0.0 > tau else eps
   for i in range(num_masks):
     if i == 0:
-      f = feats.astype(jnp.float32)
+      c = sim(jnp.float32)
     else:
       painting = painting | prev
-      f = jnp.where(painting[:, None], 0.0, feats.astype(dtype))
-    a = ncut.affinity(f, tau, eps, dtype=dtype)
+      c = sim(dtype)
+    a = jnp.where(c > tau, 1.0, eps)
+    if i > 0:
+      a = jnp.where(painting[:, None] | painting[None, :], painted_value, a)
+    a = a.astype(dtype)
     if solver == "eigh":
       x, lam, iters = ncut.fiedler_eigh(a)
+    elif solver == "lanczos":
+      x, lam, iters = ncut.fiedler_lanczos(a, num_steps=lanczos_steps,
+                                           tol=lanczos_tol)
     else:
       x, lam, iters = ncut.fiedler_lobpcg(a, num_iters=lobpcg_iters,
                                           tol=lobpcg_tol,
