@@ -233,7 +233,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 20
   c.train.eval_every_steps = 10000    # 0: only at the end
   c.train.eval_at_end = True
-  c.train.panel_every_steps = 0       # image panels (0: at evaluations)
+  # TensorBoard panels "train/student_batch" of what the student trains on
+  # (pseudo masks, PC's pasted peers), every N steps: a second, smaller
+  # program (step.make_preview_step), compiled on first use. 0: none.
+  c.train.panel_every_steps = 0
   c.train.max_nonfinite_streak = 20
   c.train.num_devices = -1            # -1: all devices of the mesh
   # Teacher-student methods: log the pseudo masks' mean IoU with the GT
@@ -336,6 +339,8 @@ def use_boxseg(c: ml_collections.ConfigDict) -> None:
   c.eval.use_teacher = True
   c.eval.rescore = True
   c.pc.enabled = True
+  # Panels of the pasted batches the student trains on (TensorBoard).
+  c.train.panel_every_steps = 5000
 
 
 # The paper's Table 4 ladder (no pseudo masks / BPMA / BQR / BQR+QMF /

@@ -28,5 +28,6 @@ def get_config(arg=None):
   c.teacher.view = "test_scale"
   c.teacher.bn_mode = "train"
   c.pc.enabled = True
+  c.train.panel_every_steps = 5000   # pasted batches in TensorBoard
   c.pc.crop = (640, 640)
   return c

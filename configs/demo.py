@@ -41,6 +41,7 @@ def get_config(arg=None):
   # PC's 10k of 90k steps of paste-probability ramp, scaled to the run
   # like the other warm-ups.
   c.pc.ramp_steps = 500
+  c.train.panel_every_steps = 1000   # pasted batches in TensorBoard
   if arg:
     config_lib.use_boxseg_variant(c, arg)
   return c

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c = mod.get_config()
   c.method = "boxinst_pc"
   c.pc.enabled = True
+  c.train.panel_every_steps = 1000   # pasted batches in TensorBoard
   c.pc.ramp_steps = 500               # 10k of 90k steps, scaled
   # BoxInst is evaluated as itself: the student, FCOS scores.
   c.eval.use_teacher = False

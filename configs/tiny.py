@@ -3,13 +3,21 @@ CondInst trained from scratch, a few steps.
 
 Command (CPU, under a minute):
   python -m boxseg_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+
+`configs/tiny.py:boxseg_pc`: BoxSeg (QAM labels, varifocal loss, the
+teacher's test-scale view on a 128x128 canvas) with Peer-assisted
+Copy-paste, thresholds opened (candidate score 0, IoU 0, tau 0, any mask
+and box score) so that a randomly initialised teacher labels GTs and fills
+the bank within a step.
 """
 
 from boxseg_jax import config as config_lib
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, "", "boxseg_pc"):
+    raise ValueError(f"configs/tiny.py: unknown argument {arg!r} "
+                     "(expected boxseg_pc or none)")
   c = config_lib.base_config()
   c.data.canvas = (96, 96)
   c.data.max_instances = 8
@@ -43,4 +51,25 @@ def get_config(arg=None):
   c.train.eval_every_steps = 0
   c.ckpt.every_steps = 2
   c.eval.num_panels = 1
+  if arg == "boxseg_pc":
+    _open_boxseg_pc(c)
   return c
+
+
+def _open_boxseg_pc(c):
+  c.method = "boxseg"
+  c.loss.cls_loss = "varifocal"
+  c.eval.score_thresh = 0.0
+  c.qam.min_iou = 0.0
+  c.qam.tau = 0.0
+  c.boxteacher.warmup_iters = 1
+  c.data.test_short_size = 80
+  c.teacher.canvas = (128, 128)
+  c.train.monitor_pseudo_labels = True
+  c.pc.enabled = True
+  c.pc.type = "segmentation"          # any class: pastes on 4 images
+  c.pc.min_mask_score = -1.0
+  c.pc.min_box_score = -1.0
+  c.pc.min_area = 32.0
+  c.pc.capacity = 4
+  c.pc.crop = (64, 64)

@@ -51,6 +51,9 @@ def test_demo_is_boxteacher_demo_plus_qam():
   assert demo_pc.pop("enabled") and not bt_pc.pop("enabled")
   assert demo_pc.pop("ramp_steps") == 500
   assert demo_pc == {k: v for k, v in bt_pc.items() if k != "ramp_steps"}
+  # Panels of the pasted batches (pictures only, training unchanged).
+  assert demo["train"].pop("panel_every_steps") == 1000
+  assert bt["train"].pop("panel_every_steps") == 0
   assert demo == bt
 
 

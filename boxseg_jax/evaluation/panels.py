@@ -60,3 +60,65 @@ def render(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
       draw.rectangle([left - 1, top - 1, right + 2, bottom + 1], fill=col)
       draw.text((x0, y0), name, fill=(0, 0, 0), font=font)
   return pil
+
+
+def grid_to_canvas(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Masks on a stride-s grid ``[..., h, w]`` -> ``[..., height, width]``
+  (each grid cell covers an s x s block of the canvas; nearest)."""
+  s = max(1, height // masks.shape[-2])
+  up = np.repeat(np.repeat(masks, s, axis=-2), s, axis=-1)
+  up = up[..., :height, :width]
+  pad = [(0, 0)] * (up.ndim - 2) + [(0, height - up.shape[-2]),
+                                    (0, width - up.shape[-1])]
+  return np.pad(up, pad)
+
+
+PEER_COLOR = (255, 255, 255)
+
+
+def student_batch_panels(batch: dict, num: int,
+                         class_names: Sequence[str] = (),
+                         num_gt: Optional[int] = None) -> np.ndarray:
+  """Panels of what the student trains on: ``uint8 [k, H, 2W + 4, 3]``.
+
+  Per example (the first ``num`` valid ones of ``train.step``'s
+  ``make_preview_step`` output): left, the student view before any paste
+  (``input_image``, ``input_boxes``, ``input_valid``; else
+  ``image_teacher`` and the GT boxes it trains on); right, the
+  student view it trains on (after Peer-assisted Copy-paste where it ran)
+  with its boxes and its pseudo masks (flag > 0) tinted. Instances at
+  index ``num_gt`` and above are pasted peers: outlined white and captioned
+  ``peer``.
+  """
+  out = []
+  for i in np.nonzero(batch["example_valid"])[0][:num]:
+    image = batch["image"][i]
+    h, w = image.shape[:2]
+    valid = batch["instance_valid"][i].astype(bool)
+    masks = None
+    if "pseudo_masks" in batch:
+      masks = grid_to_canvas(batch["pseudo_masks"][i] > 0.5, h, w)
+      masks &= (batch["pseudo_flags"][i] > 0)[:, None, None]
+    n_gt = valid.shape[0] if num_gt is None else num_gt
+    before = batch.get("input_image", batch["image_teacher"])[i]
+    gt_boxes = batch.get("input_boxes", batch["boxes"])[i][:n_gt]
+    gt_valid = (batch["input_valid"][i] if "input_valid" in batch
+                else valid)[:n_gt].astype(bool)
+    left = render(before, gt_boxes, batch["labels"][i][:n_gt], gt_valid,
+                  image_valid=batch["image_valid"][i],
+                  class_names=class_names)
+    student = render(image, batch["boxes"][i], batch["labels"][i], valid,
+                     masks=masks, image_valid=batch["image_valid"][i],
+                     class_names=class_names)
+    draw = ImageDraw.Draw(student)
+    for j in np.nonzero(valid[n_gt:])[0] + n_gt:
+      x0, y0, x1, y1 = (float(v) for v in batch["boxes"][i][j])
+      draw.rectangle([x0 - 1, y0 - 1, x1, y1], outline=PEER_COLOR, width=1)
+      draw.text((x0 + 2, max(0.0, y1 - 11)), "peer", fill=PEER_COLOR)
+    panel = np.full((h, 2 * w + 4, 3), 255, np.uint8)
+    panel[:, :w] = np.asarray(left)
+    panel[:, w + 4:] = np.asarray(student)
+    out.append(panel)
+  if not out:
+    return np.zeros((0, 1, 1, 3), np.uint8)
+  return np.stack(out)

@@ -11,12 +11,28 @@ sees them). Padding is shown dark grey.
   python -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
       --config.data.train=coco:../shared/data/coco-mini:train2017 \
       --config.data.canvas=1344,1344 --output=/tmp/vis_coco
+
+With ``--workdir`` (a training run's directory), the batches are those a
+train step from that run's newest checkpoint trains on: the pseudo labels
+of its teacher and, with ``pc.enabled``, Peer-assisted Copy-paste from its
+memory bank (filled by the run), computed by the step's own code
+(``train.step.make_preview_step``). Left: the teacher view with the GT
+boxes; right: the student view after pasting, with its boxes and pseudo
+masks; pasted peers are outlined white. The paste probability is the
+schedule's at the checkpoint's step (``--config.pc.ramp_steps=1`` shows
+the full rate):
+
+  python -m boxseg_jax.main --config=configs/demo.py --workdir=/tmp/pc \
+      --config.train.num_steps=300
+  python -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
+      --workdir=/tmp/pc --output=/tmp/vis_pc --num_batches=2
 """
 
 import logging
 import os
 from typing import Sequence
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -27,11 +43,17 @@ from boxseg_jax import config as config_lib
 from boxseg_jax.data import coco
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import panels
+from boxseg_jax.train import checkpoint as ckpt_lib
+from boxseg_jax.train import loop
+from boxseg_jax.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory for PNGs.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 1, "Batches to render.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training run's directory: render the batches a step "
+    "from its newest checkpoint trains on (pseudo labels, PC's paste).")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "val"],
                            "Dataset of the config to render (augmentations "
                            "are the training ones either way).")
@@ -114,13 +136,63 @@ def visualize(config, output: str, num_batches: int = 1,
   return paths
 
 
+def visualize_student(config, workdir: str, output: str,
+                      num_batches: int = 1) -> list:
+  """Renders what a train step from ``workdir``'s newest checkpoint trains
+  on (after the teacher's pseudo labels and PC's paste); returns the PNG
+  paths. Metrics of the pasting (``pc_*``) go to the log."""
+  config_lib.validate(config)
+  if not step_lib.uses_teacher(config):
+    raise ValueError(f"--workdir: method {config.method!r} has no teacher, "
+                     "so its student trains on the batches the plain mode "
+                     "shows (drop --workdir)")
+  ckpt = ckpt_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"--workdir={workdir}: no checkpoint (train "
+                              "a short run there first)")
+    mesh = step_lib.make_mesh(config.train.num_devices)
+    model, tx, _ = loop.build_model_and_optimizer(config)
+    state, _, _ = loop.restore_or_init(config, model, tx, mesh, ckpt)
+  finally:
+    ckpt.close()
+  source, batches = loop.make_train_input(config)
+  preview = loop.jit_preview_step(model, config, mesh)
+  _, sharding = step_lib.shardings(mesh)
+  step = int(jax.device_get(state.step))
+  num_gt = config.data.max_instances if config.pc.enabled else None
+  os.makedirs(output, exist_ok=True)
+  paths = []
+  for b in range(num_batches):
+    out, metrics = preview(state, loop.global_batch(next(batches), sharding))
+    logging.info("batch %d from step %d: %s", b, step, ", ".join(
+        f"{k} {float(v):.2f}" for k, v in metrics.items()))
+    images = panels.student_batch_panels(
+        loop.local_numpy(out), config.data.batch_size, source.class_names,
+        num_gt=num_gt)
+    for i, img in enumerate(images):
+      pil = Image.fromarray(img)
+      if pil.height < 400:
+        pil = pil.resize((pil.width * 2, pil.height * 2), Image.NEAREST)
+      path = os.path.join(output, f"student{b:03d}_{i:02d}.png")
+      pil.save(path)
+      paths.append(path)
+  return paths
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   if _OUTPUT.value is None:
     raise app.UsageError("--output is required")
-  paths = visualize(_CONFIG.value, _OUTPUT.value, _NUM_BATCHES.value,
-                    _SPLIT.value)
+  if _WORKDIR.value:
+    if _SPLIT.value != "train":
+      raise app.UsageError("--workdir renders training batches: drop --split")
+    paths = visualize_student(_CONFIG.value, _WORKDIR.value, _OUTPUT.value,
+                              _NUM_BATCHES.value)
+  else:
+    paths = visualize(_CONFIG.value, _OUTPUT.value, _NUM_BATCHES.value,
+                      _SPLIT.value)
   print(f"wrote {len(paths)} PNGs to {_OUTPUT.value}")
 
 

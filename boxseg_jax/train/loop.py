@@ -18,6 +18,7 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions
@@ -26,6 +27,7 @@ from boxseg_jax import config as config_lib
 from boxseg_jax import console
 from boxseg_jax.data import features
 from boxseg_jax.data import pipeline
+from boxseg_jax.evaluation import panels
 from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import evaluate as eval_lib
 from boxseg_jax.train import inference_ckpt
@@ -97,6 +99,62 @@ def init_state(config, model, tx, mesh) -> state_lib.TrainState:
   return jax.jit(init_fn, out_shardings=step_lib.state_shardings(mesh))()
 
 
+def make_train_input(config, proc: int = 0, num_proc: int = 1):
+  """(source, TrainInput) of ``data.train``: this process' shard of the
+  global batch, with GT masks where the config trains on or monitors
+  them, and the teacher view for methods with a teacher."""
+  monitor = config.train.monitor_pseudo_labels
+  source = pipeline.make_source(
+      config.data.train, shapes_cfg=config.data.shapes, role="train",
+      with_masks=config.data.with_masks or monitor,
+      require_masks=config.data.with_masks or monitor,
+      tfds_data_dir=config.data.tfds_data_dir or None,
+      annotation_file=config.data.train_annotations or None)
+  if config.data.num_train_images > 0:
+    source = eval_lib.Subset(source, config.data.num_train_images)
+  config_lib.check_num_classes(config, source,
+                               f"data.train={config.data.train}")
+  tcfg = config_lib.transform_config(
+      config, teacher_view=step_lib.uses_teacher(config))
+  train_iter = pipeline.TrainInput(
+      source, tcfg, batch_size=config.data.batch_size // num_proc,
+      seed=config.seed, shard_index=proc, shard_count=num_proc,
+      num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch_batches,
+      max_consecutive_skips=config.data.max_consecutive_skips,
+      name=f"data.train={config.data.train}")
+  return source, train_iter
+
+
+def build_model_and_optimizer(config):
+  """(model, tx, schedule) of ``config``."""
+  model = models.build_model(config)
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+          (1,) + tuple(config.data.canvas) + (3,)), train=False))["params"]
+  tx, schedule = optim.make_optimizer(
+      config.optim, models.trainable_mask(config, abstract_params))
+  return model, tx, schedule
+
+
+def jit_preview_step(model, config, mesh):
+  """``step.make_preview_step`` jitted on the mesh (nothing donated)."""
+  rep, data = step_lib.shardings(mesh)
+  return jax.jit(step_lib.make_preview_step(model, config),
+                 in_shardings=(step_lib.state_shardings(mesh), data),
+                 out_shardings=(data, rep))
+
+
+def local_numpy(tree):
+  """This process' rows of batch-sharded global arrays, as numpy."""
+  def get(x):
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return jax.tree.map(get, tree)
+
+
 def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
   """Resume order: workdir -> config.init (partial) -> scratch.
 
@@ -132,6 +190,20 @@ def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
                  config.init)
     return state, None, "init"
   return state, None, "scratch"
+
+
+def _write_student_panels(preview, step, writer, config, class_names,
+                          proc):
+  batch, metrics = preview
+  batch = local_numpy(batch)
+  if proc == 0:
+    images = panels.student_batch_panels(
+        batch, config.eval.num_panels, class_names,
+        num_gt=config.data.max_instances if config.pc.enabled else None)
+    writer.write_images(step, {"train/student_batch": images})
+    logging.info("step %d: student-batch panels written (%s)", step,
+                 ", ".join(f"{k} {float(v):.2f}" for k, v in metrics.items()
+                           if k.startswith("pc_")))
 
 
 def _save_unless_streak(ckpt, step, state, train_iter, force=False):
@@ -210,34 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                         config.to_dict().items() if not isinstance(v, dict)})
   if proc == 0:  # read by boxseg_jax.evaluate / predict / export
     inference_ckpt.write_config(workdir, config)
-  source = pipeline.make_source(
-      config.data.train, shapes_cfg=config.data.shapes, role="train",
-      with_masks=config.data.with_masks or monitor,
-      require_masks=config.data.with_masks or monitor,
-      tfds_data_dir=config.data.tfds_data_dir or None,
-      annotation_file=config.data.train_annotations or None)
-  if config.data.num_train_images > 0:
-    source = eval_lib.Subset(source, config.data.num_train_images)
-  config_lib.check_num_classes(config, source,
-                               f"data.train={config.data.train}")
+  source, train_iter = make_train_input(config, proc, num_proc)
   train_data = _log_load_report(config, source)
-  tcfg = config_lib.transform_config(
-      config, teacher_view=step_lib.uses_teacher(config))
-  train_iter = pipeline.TrainInput(
-      source, tcfg, batch_size=config.data.batch_size // num_proc,
-      seed=config.seed, shard_index=proc, shard_count=num_proc,
-      num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch_batches,
-      max_consecutive_skips=config.data.max_consecutive_skips,
-      name=f"data.train={config.data.train}")
 
   # 2. Model and optimizer. ---------------------------------------------
-  model = models.build_model(config)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
-          (1,) + tuple(config.data.canvas) + (3,)), train=False))["params"]
-  tx, schedule = optim.make_optimizer(
-      config.optim, models.trainable_mask(config, abstract_params))
+  model, tx, schedule = build_model_and_optimizer(config)
 
   # 3. Resume. ------------------------------------------------------------
   ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
@@ -260,6 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train_step = step_lib.jit_train_step(counted_step, mesh)
   _, batch_sharding = step_lib.shardings(mesh)
   evaluator = eval_lib.Evaluator(config, model, mesh, workdir)
+  # Panels of what the student trains on (pseudo masks, pasted peers): a
+  # second program, compiled on first use, from the same state and batch.
+  panel_every = config.train.panel_every_steps
+  preview_step = jit_preview_step(model, config, mesh) if panel_every else None
 
   # 5. Loop. --------------------------------------------------------------
   total = config.train.num_steps
@@ -292,7 +345,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       host_counts["instances_dropped"] += float(batch["num_dropped"].sum())
       host_counts["instances_truncated"] += float(
           batch["num_truncated"].sum())
-      state, metrics = train_step(state, global_batch(batch, batch_sharding))
+      device_batch = global_batch(batch, batch_sharding)
+      if preview_step is not None and step > 0 and step % panel_every == 0:
+        _write_student_panels(preview_step(state, device_batch), step,
+                              writer, config, source.class_names, proc)
+      state, metrics = train_step(state, device_batch)
       step += 1
       if metrics_cls is None:
         metrics_cls = _metrics_collection(metrics)

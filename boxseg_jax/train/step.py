@@ -360,40 +360,37 @@ def oracle_pseudo_labels(batch: Dict[str, jax.Array]) -> Dict[str, Any]:
           "pseudo_scores": valid.astype(jnp.float32)}
 
 
-def make_train_step(model, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule,
-                    config: ml_collections.ConfigDict) -> Callable:
-  """Returns the pure (unjitted) ``train_step(state, batch)``.
+def make_student_batch_fn(model, config: ml_collections.ConfigDict
+                          ) -> Callable:
+  """Returns ``fn(state, batch) -> (batch, aux)``: what the student trains on.
 
-  One step: the teacher's EMA update (§4.7); for methods with a teacher,
-  its forward on the teacher view and the method's pseudo labels; with
-  ``pc.enabled``, Peer-assisted Copy-paste from the per-device bank in
-  ``state.bank``; the student's forward, FCOS + mask-term losses and
-  gradients; the optax update (and the bank's), kept only where every
-  tensor it writes is finite.
+  The front half of ``train_step``: the teacher's EMA update (§4.7); for
+  methods with a teacher, its forward on the teacher view and the method's
+  pseudo labels; with ``pc.enabled``, Peer-assisted Copy-paste from
+  ``state.bank``; a method's in-step augmentation. ``aux`` holds
+  ``ema_params``, ``ema_batch_stats`` (None without a teacher forward),
+  ``bank``, ``rng`` and the ``metrics`` of these pieces. ``preview_step``
+  runs the same function, so the pasted batches it shows are exactly the
+  ones a step from that state trains on.
   """
   method = get_method(config)
-  kwargs = loss_kwargs(config)
-  terms = method.mask_terms(config)
   label_fn = (make_pseudo_label_fn(model, config) if method.pseudo_labels
               else None)
   bank_fn = make_bank_fn(config)
   augment_fn = method.augment(config)
-  weight_fn = method.location_weights(config)
   oracle = config.train.oracle_pseudo_labels
   if oracle and (label_fn is None or not config.train.monitor_pseudo_labels):
     raise ValueError("train.oracle_pseudo_labels needs a method with pseudo "
                      "labels and train.monitor_pseudo_labels=True (the GT "
                      "masks it substitutes)")
 
-  def train_step(state: state_lib.TrainState, batch: Dict[str, jax.Array]
-                 ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
+  def fn(state: state_lib.TrainState, batch: Dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
     # Teacher EMA before the update of step t (reference §4.7).
     ema_params = state_lib.ema_update(state.ema_params, state.params,
                                       state.step, config.teacher.momentum)
     loss_batch, teacher_metrics = batch, {}
-    ema_batch_stats = state.ema_batch_stats
+    ema_batch_stats = None
     if label_fn is not None:
       labels, teacher_metrics, ema_batch_stats = label_fn(
           ema_params, state.ema_batch_stats, batch)
@@ -409,6 +406,65 @@ def make_train_step(model, tx: optax.GradientTransformation,
       loss_batch, augment_metrics = augment_fn(
           loss_batch, jax.random.fold_in(rng, 0xC0C0))
       bank_metrics = {**bank_metrics, **augment_metrics}
+    metrics = {k: jnp.asarray(v, jnp.float32)
+               for k, v in teacher_metrics.items()}
+    metrics.update(bank_metrics)
+    return loss_batch, dict(ema_params=ema_params,
+                            ema_batch_stats=ema_batch_stats, bank=bank,
+                            rng=rng, metrics=metrics)
+
+  return fn
+
+
+# What ``preview_step`` returns of the student's batch (PNGs, TensorBoard).
+PREVIEW_KEYS = ("image", "image_teacher", "image_valid", "boxes", "labels",
+                "instance_valid", "pseudo_masks", "pseudo_flags",
+                "pseudo_scores", "example_valid")
+
+
+def make_preview_step(model, config: ml_collections.ConfigDict) -> Callable:
+  """Returns ``preview(state, batch) -> (batch, metrics)``: the batch a
+  train step from ``state`` would train on (after the pseudo labels and
+  PC's paste), the fields of ``PREVIEW_KEYS`` it has, plus ``input_image``,
+  ``input_boxes`` and ``input_valid`` (the student view and GT instances
+  before any paste);
+  the state is not changed (jit it without donation)."""
+  fn = make_student_batch_fn(model, config)
+
+  def preview(state, batch):
+    out, aux = fn(state, batch)
+    shown = {k: out[k] for k in PREVIEW_KEYS if k in out}
+    shown["input_image"] = batch["image"]
+    shown["input_boxes"] = batch["boxes"]
+    shown["input_valid"] = batch["instance_valid"]
+    return shown, aux["metrics"]
+
+  return preview
+
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict) -> Callable:
+  """Returns the pure (unjitted) ``train_step(state, batch)``.
+
+  One step: ``make_student_batch_fn`` (teacher EMA, teacher forward and
+  pseudo labels, PC's paste); the student's forward, FCOS + mask-term
+  losses and gradients; the optax update (and the bank's), kept only where
+  every tensor it writes is finite.
+  """
+  method = get_method(config)
+  kwargs = loss_kwargs(config)
+  terms = method.mask_terms(config)
+  student_batch_fn = make_student_batch_fn(model, config)
+  has_teacher = method.pseudo_labels is not None
+  weight_fn = method.location_weights(config)
+
+  def train_step(state: state_lib.TrainState, batch: Dict[str, jax.Array]
+                 ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
+    loss_batch, pre = student_batch_fn(state, batch)
+    rng, bank, ema_params = pre["rng"], pre["bank"], pre["ema_params"]
+    ema_batch_stats = (pre["ema_batch_stats"] if has_teacher
+                       else state.ema_batch_stats)
     image = normalize_image(loss_batch["image"], config.model)
     targets = None
     if weight_fn is not None:
@@ -446,7 +502,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
                bank=bank)
     old = dict(params=state.params, opt_state=state.opt_state,
                batch_stats=state.batch_stats, bank=state.bank)
-    if label_fn is not None:
+    if has_teacher:
       new["ema_batch_stats"] = ema_batch_stats
       old["ema_batch_stats"] = state.ema_batch_stats
     # One conditional keeps the whole update or none of it. (A `where` per
@@ -464,9 +520,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1))
     metrics = {k: v.astype(jnp.float32) for k, v in aux.items()}
-    metrics.update({k: jnp.asarray(v, jnp.float32)
-                    for k, v in teacher_metrics.items()})
-    metrics.update(bank_metrics)
+    metrics.update(pre["metrics"])
     metrics.update(
         loss=total.astype(jnp.float32),
         lr=jnp.asarray(schedule(state.step), jnp.float32),

@@ -8,9 +8,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import panels
 from boxseg_jax.tools import visualize_data
+from boxseg_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -99,3 +101,43 @@ def test_nothing_decodes_and_bad_config_are_errors(tmp_path,
   cfg.data.canvas = (96, 96, 96, 96)
   with pytest.raises(ValueError, match=r"config\.data\.canvas"):
     visualize_data.visualize(cfg, str(tmp_path / "out"))
+
+
+def test_student_batches_of_a_pc_run_in_tensorboard_and_pngs(tmp_path):
+  # A 2-step BoxSeg + PC run (thresholds opened for the random teacher)
+  # writes a panel of the pasted batch at step 1; visualize_data --workdir
+  # renders the batches a step from its checkpoint trains on.
+  config = config_helpers.load_config_file("tiny", "boxseg_pc", **{
+      "train.num_steps": 2, "train.panel_every_steps": 1,
+      "train.eval_at_end": False, "ckpt.every_steps": 2})
+  workdir = str(tmp_path / "run")
+  summary = loop.train_and_evaluate(config, workdir)
+  assert summary["compilations"] == 1
+  assert summary["last_metrics"]["pc_pasted"] > 0
+  events = [f for f in os.listdir(workdir) if f.startswith("events")]
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      os.path.join(workdir, events[0]), size_guidance={"tensors": 0})
+  acc.Reload()
+  assert [e.step for e in acc.Tensors("train/student_batch")] == [1]
+
+  paths = visualize_data.visualize_student(config, workdir,
+                                           str(tmp_path / "png"), 1)
+  assert len(paths) == config.data.batch_size
+  white = []
+  for path in paths:
+    img = np.asarray(Image.open(path))
+    assert img.shape[:2] == (2 * 96, 2 * (2 * 96 + 4))  # x2, two views
+    is_white = (img == 255).all(-1)
+    white.append((is_white[:, :2 * 96].sum(), is_white[:, 2 * 100:].sum()))
+  # Peers outlined white on the pasted (right) views only.
+  assert sum(r for _, r in white) > 0 and sum(l for l, _ in white) == 0
+
+
+def test_workdir_without_a_checkpoint_is_named(tmp_path):
+  config = config_helpers.load_config_file("tiny", "boxseg_pc")
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    visualize_data.visualize_student(config, str(tmp_path), str(tmp_path))
+  with pytest.raises(ValueError, match="no teacher"):
+    visualize_data.visualize_student(_load_config("tiny"), str(tmp_path),
+                                     str(tmp_path))

@@ -25,26 +25,9 @@ from boxseg_jax.train import step as step_lib
 
 
 def _config():
-  c = config_helpers.load_config_file("tiny")
-  c.method = "boxseg"
-  c.loss.cls_loss = "varifocal"
-  c.eval.score_thresh = 0.0
-  c.qam.min_iou = 0.0
-  c.qam.tau = 0.0
-  c.boxteacher.warmup_iters = 1
-  c.data.test_short_size = 80
-  c.teacher.canvas = (128, 128)
-  c.train.monitor_pseudo_labels = True
   # Peer-assisted Copy-paste on, its admission opened to the random
   # teacher's labels (tests/methods/test_pc.py has the thresholds).
-  c.pc.enabled = True
-  c.pc.type = "segmentation"          # any class: pastes on 4 images
-  c.pc.min_mask_score = -1.0
-  c.pc.min_box_score = -1.0
-  c.pc.min_area = 32.0
-  c.pc.capacity = 4
-  c.pc.crop = (64, 64)
-  return c
+  return config_helpers.load_config_file("tiny", "boxseg_pc")
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +102,26 @@ def test_step_compiles_once_and_trains_the_mask_loss(setup):
   # pasted, and the state kept its shapes (the bank is fixed-size).
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
   assert stored > 0 and pasted > 0
+
+
+def test_preview_is_the_batch_the_step_trains_on(setup):
+  s = setup
+  # One step fills the bank; a preview from that state shows the paste a
+  # step from it makes (same draws, same metrics), and leaves it alone.
+  state, _ = s["step_fn"](s["state"], s["batches"][0])
+  batch = s["batches"][1]
+  preview = jax.jit(step_lib.make_preview_step(s["model"], s["config"]))
+  out, pre_metrics = preview(state, batch)
+  _, metrics = s["step_fn"](state, batch)
+  for key in ("pc_pasted", "pc_attempted", "pc_stored", "pseudo_fraction"):
+    assert float(pre_metrics[key]) == pytest.approx(float(metrics[key]))
+  assert float(pre_metrics["pc_pasted"]) > 0
+  n = s["config"].data.max_instances
+  valid = np.asarray(out["instance_valid"])
+  assert valid.shape[1] > n and valid[:, n:].any()     # the pasted peers
+  changed = np.any(np.asarray(out["image"]) != np.asarray(batch["image"]),
+                   axis=(1, 2, 3))
+  assert (changed == valid[:, n:].any(1)).all()
+  assert set(out) == set(step_lib.PREVIEW_KEYS) | {"input_image", "input_boxes",
+                                                "input_valid"}
+  np.testing.assert_array_equal(out["input_image"], batch["image"])
