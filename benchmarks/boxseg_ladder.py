@@ -20,7 +20,9 @@ inference, schedule, seed), so only the pseudo labels and PC differ.
   python benchmarks/boxseg_ladder.py --data=shapes --seeds=0
   python benchmarks/boxseg_ladder.py --data=coco_mini --seeds=0,1,2
 
-Writes JSON to benchmarks/results/boxseg_ladder_<data>.json.
+Writes JSON to benchmarks/results/boxseg_ladder_<data>.json after every
+run; runs already there are skipped (`--fresh` starts over), so a ladder
+can be split over several sittings.
 """
 
 import argparse
@@ -48,19 +50,26 @@ def _load(path, name):
   return mod
 
 
-def run_shapes(variants, seeds, workdir):
-  """Trains configs/demo.py:VARIANT for every variant and seed."""
+def run_shapes(variants, seeds, workdir, results, save):
+  """Trains configs/demo.py:VARIANT for every variant and seed.
+
+  Runs already in `results` are skipped; `save(results)` is called after
+  each run, so an interrupted ladder keeps what it finished.
+  """
   from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
   demo = _load(REPO / "configs" / "demo.py", "demo")
-  results = {}
   for variant in variants:
     for seed in seeds:
       key = f"{variant}/seed{seed}"
+      if key in results:
+        print(f"{key}: in the results file already, skipped")
+        continue
       wd = os.path.join(workdir, f"{variant}_seed{seed}")
       if os.path.exists(wd):
         shutil.rmtree(wd)
       config = demo.get_config(variant)
       config.seed = seed
+      config.train.panel_every_steps = 0   # pictures do not change training
       t0 = time.time()
       summary = loop.train_and_evaluate(config, wd)
       trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
@@ -68,18 +77,28 @@ def run_shapes(variants, seeds, workdir):
       results[key] = {"method": f"boxseg:{variant}", "seed": seed,
                       "eval": summary["eval"], "pseudo_iou": trace,
                       "seconds": round(time.time() - t0, 1)}
+      save(results)
   return results
 
 
-def run_coco_mini(variants, seeds, args):
+def run_coco_mini(variants, seeds, args, results, save):
+  """benchmarks/overfit_coco_mini.py's run of `boxseg:VARIANT`, one
+  variant and seed at a time (skipping those in `results`, saving after
+  each)."""
   overfit = _load(REPO / "benchmarks" / "overfit_coco_mini.py", "overfit")
   ns = argparse.Namespace(root=args.root, steps=args.steps,
                           canvas=args.canvas, num_images=args.num_images,
                           workdir=args.workdir)
-  methods = [f"boxseg:{v}" for v in variants]
-  raw = overfit.run(methods, seeds, ns, args.set)
-  return {f"{r['method'].partition(':')[2]}/seed{r['seed']}": r
-          for r in raw.values()}
+  for variant in variants:
+    for seed in seeds:
+      key = f"{variant}/seed{seed}"
+      if key in results:
+        print(f"{key}: in the results file already, skipped")
+        continue
+      raw = overfit.run([f"boxseg:{variant}"], [seed], ns, args.set)
+      results[key] = next(iter(raw.values()))
+      save(results)
+  return results
 
 
 def _cells(r):
@@ -118,6 +137,8 @@ def main():
   p.add_argument("--set", action="append", default=[],
                  help="coco_mini: config override key=value (repeatable)")
   p.add_argument("--output", default="")
+  p.add_argument("--fresh", action="store_true",
+                 help="ignore runs already in the output file")
   args = p.parse_args()
   variants = args.variants.split(",")
   for v in variants:
@@ -125,18 +146,27 @@ def main():
       p.error(f"--variants: {v!r} not in {sorted(config_lib.BOXSEG_VARIANTS)}")
   seeds = [int(x) for x in args.seeds.split(",")]
   args.workdir = os.path.join(args.workdir, args.data)
+  out = pathlib.Path(args.output or REPO / "benchmarks" / "results" /
+                     f"boxseg_ladder_{args.data}.json")
+  results = {}
+  if out.exists() and not args.fresh:
+    results = json.loads(out.read_text())["runs"]
+
+  def save(runs):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(
+        {"benchmark": "boxseg_ladder", "data": args.data,
+         "variants": sorted({k.split("/")[0] for k in runs}),
+         "seeds": sorted({r["seed"] for r in runs.values()}),
+         "host_cpus": os.cpu_count(), "runs": runs}, indent=2))
+    os.replace(tmp, out)
+
   if args.data == "shapes":
-    results = run_shapes(variants, seeds, args.workdir)
+    results = run_shapes(variants, seeds, args.workdir, results, save)
   else:
-    results = run_coco_mini(variants, seeds, args)
+    results = run_coco_mini(variants, seeds, args, results, save)
   print_table(results, variants)
-  out = args.output or str(REPO / "benchmarks" / "results" /
-                           f"boxseg_ladder_{args.data}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"benchmark": "boxseg_ladder", "data": args.data,
-               "variants": variants, "seeds": seeds, "runs": results}, f,
-              indent=2)
   print(f"wrote {out}")
 
 

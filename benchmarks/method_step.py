@@ -61,7 +61,9 @@ DEMO_CONFIGS = {"boxinst": "demo_boxinst", "boxteacher": "demo_boxteacher",
 COCO_CONFIGS = {"boxseg": "coco_boxseg_r50_1x"}
 
 
-def make_config(setup, method, args):
+def make_config(setup, spec, args):
+  """`spec` is a method name or `boxseg:VARIANT` (config.BOXSEG_VARIANTS)."""
+  method, _, variant = spec.partition(":")
   if setup == "demo":
     c = _load_config(DEMO_CONFIGS.get(method, "demo_boxinst"))
     c.train.monitor_pseudo_labels = False
@@ -74,6 +76,8 @@ def make_config(setup, method, args):
     if method == "boxinst":
       c.data.photometric = "none"
   c.method = method
+  if variant:
+    config_lib.use_boxseg_variant(c, variant)
   c.eval.score_thresh = args.teacher_score
   return c
 
@@ -111,7 +115,8 @@ def bench(setup, method, args):
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return {"method": method, "compile_s": compile_s,
+  return {"method": method, "pc": bool(c.pc.enabled),
+          "compile_s": compile_s,
           "step_s": statistics.median(times), "times": times,
           "batch": c.data.batch_size, "canvas": list(c.data.canvas),
           "flops": float((cost or {}).get("flops", float("nan"))),
@@ -123,7 +128,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--setup", default="demo", choices=("demo",
                                                           "coco_r50"))
-  parser.add_argument("--methods", default="boxinst,boxteacher,boxseg")
+  parser.add_argument("--methods", default="boxinst,boxteacher,boxseg",
+                      help="comma list; boxseg:VARIANT picks a row of "
+                      "config.BOXSEG_VARIANTS, e.g. boxseg:no_pc")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--steps", type=int, default=5)
@@ -139,7 +146,7 @@ def main():
         f"{base['canvas']}")
   for r in results:
     r["ratio_vs_boxinst"] = r["step_s"] / base["step_s"]
-    print(f"  {r['method']:<11} step {r['step_s']:.3f} s (median of "
+    print(f"  {r['method']:<18} step {r['step_s']:.3f} s (median of "
           f"{len(r['times'])}), compile {r['compile_s']:.0f} s, "
           f"{r['flops'] / 1e12:.3f} TFLOP/step, ratio "
           f"{r['ratio_vs_boxinst']:.3f}, teacher dets/img "

@@ -104,6 +104,13 @@ def make_config(method, root, steps, canvas, num_images):
     c.eval.rescore = True
   if name == "boxseg":
     config_lib.use_boxseg(c)
+    # PC's schedule and pixel thresholds scaled like the rest: the paper's
+    # 10k of 90k steps of ramp; areas and shifts from the ~800-px COCO
+    # scale to this canvas.
+    c.pc.ramp_steps = max(steps // 9, 1)
+    scale = canvas / 800.0
+    c.pc.min_area = 300.0 * scale ** 2
+    c.pc.box_shift_thresh = 10.0 * scale
     if variant:
       config_lib.use_boxseg_variant(c, variant)
   elif variant:
