@@ -28,6 +28,7 @@ from boxseg_jax.losses.fcos import fcos_losses
 from boxseg_jax.ops.dynamic_mask_head import dynamic_mask_logits_batched
 from boxseg_jax.ops.dynamic_mask_head import mask_head_soi
 from boxseg_jax.ops.locations import fcos_locations
+from boxseg_jax.ops import topk
 
 
 def proposal_scores(cls_logits: jnp.ndarray,
@@ -105,7 +106,7 @@ def fill_slots(keep: jnp.ndarray, scores: jnp.ndarray,
     `(location_index [S] int32, slot_valid [S] bool)`.
   """
   priority = jnp.where(keep, scores.astype(jnp.float32), -1.0)
-  _, idx = jax.lax.top_k(priority, num_slots)
+  _, idx = topk.top_k(priority, num_slots)
   return idx.astype(jnp.int32), keep[idx]
 
 
@@ -113,7 +114,7 @@ def select_random(positive: jnp.ndarray, rng: jax.Array, *,
                   num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """`MAX_PROPOSALS`-style uniform random subset of one image's positives."""
   priority = jnp.where(positive, jax.random.uniform(rng, positive.shape), -1.0)
-  _, idx = jax.lax.top_k(priority, num_slots)
+  _, idx = topk.top_k(priority, num_slots)
   return idx.astype(jnp.int32), positive[idx]
 
 

@@ -12,7 +12,7 @@ the table of every paper-vs-code choice and its option.
    the IoU-aware classification score the varifocal loss trains; the
    paper) or `c = sqrt(σ(cls) σ(ctr))` (`"fcos"`, the code).
 2. Box-Quality Ranking (§4B.1, §4C.2): per GT the `K_max` candidates of
-   highest IoU with its box (`lax.top_k`: a static `[N, K_max]` gather), of
+   highest IoU with its box (`ops.topk.top_k`: a static `[N, K_max]` gather), of
    which the first `K_g` count: adaptive K from the GT's area in
    original-image pixels (paper Eq. 4) or a fixed K (the code's 20); then
    the filters IoU > `min_iou` and candidate class == GT class, after the
@@ -55,6 +55,7 @@ from boxseg_jax.ops import resample
 from boxseg_jax.ops.dynamic_mask_head import dynamic_mask_logits
 from boxseg_jax.ops.dynamic_mask_head import mask_head_soi
 from boxseg_jax.ops.locations import fcos_locations
+from boxseg_jax.ops import topk
 
 K_MODES = ('adaptive', 'fixed')
 K_INTERPS = ('sqrt', 'area')
@@ -221,7 +222,7 @@ def box_quality_ranking(gt_boxes: jnp.ndarray, gt_labels: jnp.ndarray,
   key = jnp.where(cand_valid[None, :], ious, -1.0)
   num_cand = cand_boxes.shape[0]
   k = min(max_k, num_cand)
-  iou, idx = jax.lax.top_k(key, k)
+  iou, idx = topk.top_k(key, k)
   if k < max_k:  # fewer candidates than slots: pad with invalid ones
     pad = ((0, 0), (0, max_k - k))
     iou = jnp.pad(iou, pad, constant_values=-1.0)

@@ -24,6 +24,7 @@ from boxseg_jax.ops.locations import FPN_STRIDES
 from boxseg_jax.ops.locations import fcos_locations
 from boxseg_jax.ops.locations import fpn_level_shapes
 from boxseg_jax.ops.nms import batched_nms
+from boxseg_jax.ops import topk
 
 
 def fcos_candidates(outputs: dict,
@@ -68,7 +69,7 @@ def fcos_candidates(outputs: dict,
     q = cls_prob[sl] * ctr_prob[sl, None]
     cand = (q if thresh_with_ctr else cls_prob[sl]) > score_thresh
     k = min(pre_nms_topk, n * num_classes)
-    _, flat = jax.lax.top_k(jnp.where(cand, q, -1.0).reshape(-1), k)
+    _, flat = topk.top_k(jnp.where(cand, q, -1.0).reshape(-1), k)
     loc = flat // num_classes + start
     label = flat % num_classes
     valid = cand.reshape(-1)[flat]
