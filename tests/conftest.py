@@ -103,3 +103,41 @@ def _write_tiny_coco(root, num=4, *, masks=True, corrupt_first=False,
 def write_tiny_coco():
   """``fn(root, num=4, masks=True, corrupt_first=False)``: a tiny COCO."""
   return _write_tiny_coco
+
+
+def _write_oriented_coco(root, sizes):
+  """A COCO folder (split ``s``) of PNGs of the given ``(h, w)`` sizes.
+
+  One rectangle (with its polygon mask) per image, inside any image of at
+  least 40x40; 4 categories (as configs/tiny.py). Orientation canvases'
+  tests mix landscape (``w >= h``) and portrait sizes. Returns the
+  dataset name.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  os.makedirs(os.path.join(root, "s"), exist_ok=True)
+  images, anns = [], []
+  for i, (h, w) in enumerate(sizes):
+    name = f"{i}.png"
+    x0, y0 = 4 + (4 * i) % 16, 4 + (2 * i) % 16
+    x1, y1 = x0 + 20, y0 + 16
+    img = np.full((h, w, 3), 40, np.uint8)
+    img[y0:y1, x0:x1] = (200, 60 + 40 * (i % 4), 30)
+    Image.fromarray(img).save(os.path.join(root, "s", name))
+    images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+    anns.append({"id": i + 1, "image_id": i + 1, "category_id": i % 4 + 1,
+                 "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
+                 "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                 "area": float((x1 - x0) * (y1 - y0))})
+  cats = [{"id": k + 1, "name": f"c{k}"} for k in range(4)]
+  with open(os.path.join(root, "annotations", "instances_s.json"), "w") as f:
+    json.dump({"images": images, "annotations": anns, "categories": cats},
+              f)
+  return f"coco:{root}:s"
+
+
+@pytest.fixture(scope="session")
+def write_oriented_coco():
+  """``fn(root, sizes)``: a COCO folder of images of the ``(h, w)`` sizes."""
+  return _write_oriented_coco

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -306,6 +306,11 @@ class CocoSource:
 
   def __len__(self) -> int:
     return len(self.records)
+
+  def image_size(self, index: int) -> Tuple[int, int]:
+    """(height, width) of record ``index`` from the JSON, not decoded."""
+    rec = self.records[index]
+    return rec["height"], rec["width"]
 
   def __getitem__(self, index: int) -> features.Example:
     rec = self.records[index]

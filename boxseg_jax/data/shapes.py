@@ -208,6 +208,13 @@ class ShapesSource:
   def __len__(self) -> int:
     return self.num_images
 
+  def image_size(self, index: int) -> Tuple[int, int]:
+    """(height, width) of image ``index`` (all share ``cfg.image_size``)."""
+    if not 0 <= index < self.num_images:
+      raise IndexError(f"{self.name}: index {index} out of range")
+    h, w = self.cfg.image_size
+    return int(h), int(w)
+
   def __getitem__(self, index: int) -> features.Example:
     if not 0 <= index < self.num_images:
       raise IndexError(f"{self.name}: index {index} out of range")

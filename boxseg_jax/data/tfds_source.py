@@ -7,6 +7,8 @@ counted, degenerate boxes dropped and counted. Labels are TFDS's contiguous
 class indices; category ids for COCO export are ``label + 1``.
 """
 
+from typing import Optional, Tuple
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -41,9 +43,30 @@ class TfdsSource:
     self.class_names = tuple(label.names)
     self.category_ids = tuple(range(1, label.num_classes + 1))
     self.with_masks = with_masks
+    shape = tuple(feats["image"].shape)[:2]
+    self._static_size: Optional[Tuple[int, int]] = (
+        (int(shape[0]), int(shape[1])) if None not in shape else None)
 
   def __len__(self) -> int:
     return len(self._ds)
+
+  def image_size(self, index: int) -> Tuple[int, int]:
+    """(height, width) of every image: the ``image`` feature's static shape.
+
+    Raises:
+      ValueError: the feature's shape is not static (images of varying
+        size: their sizes are only known by decoding them).
+    """
+    if self._static_size is None:
+      raise ValueError(
+          f"{self.name}: the 'image' feature has no static shape, so image "
+          "sizes are only known by decoding the images; orientation "
+          "canvases (data.canvases) need them up front: use a single "
+          "data.canvas, or convert the data to coco:ROOT:SPLIT (its JSON "
+          "has every image's height and width)")
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.name}: index {index} out of range")
+    return self._static_size
 
   def __getitem__(self, index: int) -> features.Example:
     rec = self._ds[int(index)]

@@ -48,6 +48,21 @@ def test_tfds_source_feeds_the_pipeline(data_dir):
   assert b["instance_valid"].any()
 
 
+def test_tfds_image_sizes_come_from_the_static_feature_shape(data_dir):
+  src = pipeline.make_source("tfds:boxseg_shapes:train",
+                             tfds_data_dir=data_dir)
+  sizes = pipeline.image_sizes(src)
+  assert sizes.shape == (len(src), 2)
+  assert {tuple(s) for s in sizes} == {tfds_shapes.BoxsegShapes.IMAGE_SIZE}
+  # Square images are landscape: everything in the first canvas' group.
+  groups = pipeline.orientation_groups(src, 2)
+  assert len(groups[0]) == len(src) and not len(groups[1])
+  src._static_size = None  # what a dataset of varying image sizes has
+  with pytest.raises(ValueError, match="no static shape.*single "
+                     "data.canvas"):
+    pipeline.image_sizes(src)
+
+
 def test_unknown_tfds_dataset_is_named(tmp_path):
   with pytest.raises(ValueError, match="tfds:no_such_ds:train"):
     pipeline.make_source("tfds:no_such_ds:train", tfds_data_dir=str(tmp_path))
