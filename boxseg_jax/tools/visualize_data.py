@@ -12,7 +12,7 @@ sees them). Padding is shown dark grey.
       --config.data.train=coco:../shared/data/coco-mini:train2017 \
       --config.data.canvas=1344,1344 --output=/tmp/vis_coco
 
-With ``--workdir`` (a training run's directory), the batches are those a
+With ``--from_workdir`` (a training run's directory), the batches are those a
 train step from that run's newest checkpoint trains on: the pseudo labels
 of its teacher and, with ``pc.enabled``, Peer-assisted Copy-paste from its
 memory bank (filled by the run), computed by the step's own code
@@ -25,7 +25,7 @@ the full rate):
   python -m boxseg_jax.main --config=configs/demo.py --workdir=/tmp/pc \
       --config.train.num_steps=300
   python -m boxseg_jax.tools.visualize_data --config=configs/demo.py \
-      --workdir=/tmp/pc --output=/tmp/vis_pc --num_batches=2
+      --from_workdir=/tmp/pc --output=/tmp/vis_pc --num_batches=2
 """
 
 import logging
@@ -51,9 +51,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory for PNGs.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 1, "Batches to render.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A training run's directory: render the batches a step "
-    "from its newest checkpoint trains on (pseudo labels, PC's paste).")
+_FROM_WORKDIR = flags.DEFINE_string(
+    "from_workdir", None, "A training run's directory: render the batches "
+    "a step from its newest checkpoint trains on (pseudo labels, PC's "
+    "paste).")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "val"],
                            "Dataset of the config to render (augmentations "
                            "are the training ones either way).")
@@ -143,13 +144,13 @@ def visualize_student(config, workdir: str, output: str,
   paths. Metrics of the pasting (``pc_*``) go to the log."""
   config_lib.validate(config)
   if not step_lib.uses_teacher(config):
-    raise ValueError(f"--workdir: method {config.method!r} has no teacher, "
-                     "so its student trains on the batches the plain mode "
-                     "shows (drop --workdir)")
+    raise ValueError(f"--from_workdir: method {config.method!r} has no "
+                     "teacher, so its student trains on the batches the plain mode "
+                     "shows (drop --from_workdir)")
   ckpt = ckpt_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
   try:
     if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"--workdir={workdir}: no checkpoint (train "
+      raise FileNotFoundError(f"--from_workdir={workdir}: no checkpoint (train "
                               "a short run there first)")
     mesh = step_lib.make_mesh(config.train.num_devices)
     model, tx, _ = loop.build_model_and_optimizer(config)
@@ -185,10 +186,11 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if _OUTPUT.value is None:
     raise app.UsageError("--output is required")
-  if _WORKDIR.value:
+  if _FROM_WORKDIR.value:
     if _SPLIT.value != "train":
-      raise app.UsageError("--workdir renders training batches: drop --split")
-    paths = visualize_student(_CONFIG.value, _WORKDIR.value, _OUTPUT.value,
+      raise app.UsageError("--from_workdir renders training batches: drop "
+                           "--split")
+    paths = visualize_student(_CONFIG.value, _FROM_WORKDIR.value, _OUTPUT.value,
                               _NUM_BATCHES.value)
   else:
     paths = visualize(_CONFIG.value, _OUTPUT.value, _NUM_BATCHES.value,
