@@ -7,7 +7,9 @@ overrides work, a mistyped key fails loudly. ``validate(config)`` checks
 what the lock cannot: the length and element types of every tuple field (an
 override given twice, ``--config.data.canvas=96,96
 --config.data.canvas=96,96``, is concatenated by ml_collections into a
-4-tuple), called by the trainer and the tools before anything is built.
+4-tuple), and that orientation canvases (``data.canvases``,
+``teacher.canvases``) hold what the resize makes; called by the trainer and
+the tools before anything is built.
 """
 
 import dataclasses
@@ -38,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   # round's pseudo masks ("" = ROOT/annotations/instances_SPLIT.json).
   c.data.train_annotations = ""
   c.data.canvas = (1344, 1344)     # fixed padded (H, W), multiples of 32
+  # Orientation canvases ((H, W) landscape, (H, W) portrait): landscape
+  # images (W >= H) train and evaluate on the first, portrait ones on the
+  # second, one canvas per batch, one compilation per canvas (docs/data.md).
+  # () = every image on data.canvas (which is ignored otherwise).
+  c.data.canvases = ()
   c.data.max_instances = 100
   c.data.train_short_sizes = COCO_TRAIN_SHORT_SIZES
   c.data.train_max_size = 1333
@@ -114,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   # student's geometry (cheaper, no resampling).
   c.teacher.view = "test_scale"
   c.teacher.canvas = ()               # () = data.canvas
+  # With data.canvases: the test-scale view's canvas per orientation
+  # (landscape, portrait), paired with the student's; () = teacher.canvas
+  # for both, or (teacher.canvas = ()) the student's own canvases.
+  c.teacher.canvases = ()
   # "train": mask-branch BN on the teacher batch's statistics, updating the
   # teacher's own running statistics (the reference's TEACHER_EVAL=False);
   # "eval": the teacher's running statistics, frozen.
@@ -158,6 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                                     | simple
   c.pc.capacity = 80                  # bank entries per device
   c.pc.crop = ()                      # entry crop (H, W); () = data.canvas
+  #                                     (with data.canvases: their smallest
+  #                                     H and W), fits every canvas
   c.pc.max_objects = 4                # objects stored per entry
   c.pc.iou_thresh = 0.1               # admission: IoU < it with other GTs
   c.pc.min_mask_score = 0.5           # admission: s > it
@@ -416,21 +429,46 @@ def scaled_ema_momentum(num_steps: int, momentum: float = 0.999,
   return 1.0 - 1.0 / max(horizon, 1.0)
 
 
+def canvases(config: ml_collections.ConfigDict
+             ) -> Tuple[Tuple[int, int], ...]:
+  """The batch canvases: ``data.canvases`` (landscape, portrait) or, when
+  it is (), the single ``(data.canvas,)``."""
+  given = tuple(tuple(c) for c in config.data.canvases)
+  return given or (tuple(config.data.canvas),)
+
+
+def teacher_canvases(config: ml_collections.ConfigDict
+                     ) -> Tuple[Tuple[int, int], ...]:
+  """The teacher view's canvas of each student canvas (same orientation).
+
+  ``teacher.canvases`` when given; otherwise, as with one canvas,
+  ``teacher.canvas`` for every orientation, or (``teacher.canvas = ()``)
+  the student's own canvases.
+  """
+  if config.teacher.canvases:
+    return tuple(tuple(c) for c in config.teacher.canvases)
+  single = tuple(config.teacher.canvas)
+  return tuple(single or c for c in canvases(config))
+
+
 def teacher_canvas(config: ml_collections.ConfigDict) -> Tuple[int, int]:
-  """The teacher view's static canvas (``teacher.canvas`` or data.canvas)."""
-  return tuple(config.teacher.canvas or config.data.canvas)
+  """The teacher view's canvas of the first (or only) student canvas."""
+  return teacher_canvases(config)[0]
 
 
-def transform_config(config: ml_collections.ConfigDict, *,
-                     masks="auto", teacher_view: bool = False
-                     ) -> transforms.TransformConfig:
-  """The static transform parameters of ``config.data``.
+def transform_configs(config: ml_collections.ConfigDict, *,
+                      masks="auto", teacher_view: bool = False
+                      ) -> Tuple[transforms.TransformConfig, ...]:
+  """The static transform parameters of ``config.data``, one per canvas.
 
-  ``masks``: "auto" puts point-sampled GT masks in the batch iff
+  One entry with a single canvas, two (landscape, portrait) with
+  ``data.canvases``; the pipeline (``TrainInput``, ``eval_batches``) takes
+  the tuple. ``masks``: "auto" puts point-sampled GT masks in the batch iff
   ``data.with_masks`` (as ``masks``) or ``train.monitor_pseudo_labels`` (as
   ``monitor_masks``, read by no loss); None, "s4" or "full" force that
   mode. ``teacher_view``: add the teacher's test-scale view (methods with a
-  teacher and ``teacher.view = "test_scale"``).
+  teacher and ``teacher.view = "test_scale"``) on the canvas of the same
+  orientation (``teacher_canvases``).
   """
   d = config.data
   mask_key = "masks"
@@ -444,13 +482,45 @@ def transform_config(config: ml_collections.ConfigDict, *,
     raise ValueError(f"teacher.view={config.teacher.view!r}: expected "
                      "'test_scale' or 'same'")
   use_view = teacher_view and config.teacher.view == "test_scale"
-  return transforms.TransformConfig(
-      canvas=tuple(d.canvas), max_instances=d.max_instances,
+  student = canvases(config)
+  teacher = teacher_canvases(config)
+  return tuple(transforms.TransformConfig(
+      canvas=canvas, max_instances=d.max_instances,
       short_sizes=tuple(d.train_short_sizes), max_size=d.train_max_size,
       test_short_size=d.test_short_size, test_max_size=d.test_max_size,
       hflip_prob=d.hflip_prob, photometric=d.photometric, masks=masks,
-      mask_key=mask_key,
-      teacher_canvas=teacher_canvas(config) if use_view else None)
+      mask_key=mask_key, teacher_canvas=view if use_view else None)
+               for canvas, view in zip(student, teacher))
+
+
+def transform_config(config: ml_collections.ConfigDict, *,
+                     masks="auto", teacher_view: bool = False,
+                     canvas_index: Optional[int] = None
+                     ) -> transforms.TransformConfig:
+  """One canvas's transform parameters (``transform_configs``).
+
+  Args:
+    config: the experiment config.
+    masks: as ``transform_configs``.
+    teacher_view: as ``transform_configs``.
+    canvas_index: which canvas (0 landscape, 1 portrait with
+      ``data.canvases``); None: the only one.
+
+  Raises:
+    ValueError: ``canvas_index`` is None and ``data.canvases`` has two
+      canvases (a caller that batches images of both orientations must
+      take ``transform_configs``; one canvas would shrink the other
+      orientation's images silently).
+  """
+  tcfgs = transform_configs(config, masks=masks, teacher_view=teacher_view)
+  if canvas_index is None:
+    if len(tcfgs) > 1:
+      raise ValueError(
+          f"data.canvases={canvases(config)}: this tool takes one canvas; "
+          "set --config.data.canvases='()' (every image on data.canvas) to "
+          "run it")
+    canvas_index = 0
+  return tcfgs[canvas_index]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,12 +540,22 @@ def _distinct(v):
   return len(set(v)) == len(v)
 
 
+def _orientation_pair(v):
+  """() or ((H, W) with W >= H, (H, W) with H >= W), multiples of 32."""
+  sides_ok = all(x > 0 and x % 32 == 0 for c in v for x in c)
+  return sides_ok and (not v or (v[0][1] >= v[0][0] and v[1][0] >= v[1][1]))
+
+
 # Every tuple field of ``base_config()`` (tests/test_config.py checks that
 # none is missing).
 TUPLE_FIELDS = {
     "data.canvas": _TupleRule(
         "2 ints (H, W), positive multiples of 32", (2,), int,
         lambda v: all(x > 0 and x % 32 == 0 for x in v)),
+    "data.canvases": _TupleRule(
+        "() or 2 canvases ((H, W) landscape with W >= H, (H, W) portrait "
+        "with H >= W), sides positive multiples of 32", (0, 2), tuple,
+        _orientation_pair),
     "data.train_short_sizes": _TupleRule(
         "1 or more distinct positive ints", None, int,
         lambda v: len(v) >= 1 and all(x > 0 for x in v) and _distinct(v)),
@@ -487,6 +567,10 @@ TUPLE_FIELDS = {
     "teacher.canvas": _TupleRule(
         "() (= data.canvas) or 2 ints (H, W), positive multiples of 32",
         (0, 2), int, lambda v: all(x > 0 and x % 32 == 0 for x in v)),
+    "teacher.canvases": _TupleRule(
+        "() or 2 canvases ((H, W) landscape with W >= H, (H, W) portrait "
+        "with H >= W), sides positive multiples of 32", (0, 2), tuple,
+        _orientation_pair),
     "model.resnet_num_blocks": _TupleRule(
         "() or 4 positive ints (blocks of res2..res5)", (0, 4), int,
         lambda v: all(x > 0 for x in v)),
@@ -515,6 +599,9 @@ def _kind_ok(x: Any, kind: type) -> bool:
     return False
   if kind is str:
     return isinstance(x, str)
+  if kind is tuple:  # a canvas: 2 ints
+    return (isinstance(x, (tuple, list)) and len(x) == 2 and
+            all(_kind_ok(v, int) for v in x))
   if kind is int:
     return isinstance(x, int)
   return isinstance(x, (int, float)) and math.isfinite(x)
@@ -551,6 +638,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"config.{path}={value!r}: expected {rule.what}"
                        f"{_repeat_hint(value, rule)}.{_example(path)}")
+  if _get(config, "data.canvases")[0]:
+    _check_canvases(config)
+
+
+def _ceil32(x: int) -> int:
+  return -(-x // 32) * 32
+
+
+def _resize_bounds(short_sizes, max_size: int) -> Tuple[int, int]:
+  """The largest (short, long) sides a ResizeShortestEdge output has."""
+  return min(max(short_sizes), max_size), max_size
+
+
+def _check_fit(path: str, given, short: int, long: int, sizes: str) -> None:
+  """Each orientation canvas holds the largest resize of its orientation."""
+  for i, (name, (h, w)) in enumerate(zip(("landscape", "portrait"), given)):
+    short_side, long_side = (h, w) if i == 0 else (w, h)
+    if short_side >= short and long_side >= long:
+      continue
+    need = ((_ceil32(short), _ceil32(long)) if i == 0 else
+            (_ceil32(long), _ceil32(short)))
+    raise ValueError(
+        f"config.{path}[{i}]={(h, w)}: the {name} canvas must hold every "
+        f"{name} image as the resize makes it ({sizes}: short side up to "
+        f"{short}, long side up to {long}), so that no image is shrunk "
+        f"further: at least {need}.")
+
+
+def _check_canvases(config: ml_collections.ConfigDict) -> None:
+  """``data.canvases`` / ``teacher.canvases`` fit what the resize makes."""
+  d, t = config.data, config.teacher
+  given = canvases(config) if d.canvases else ()
+  if given:
+    train = _resize_bounds(d.train_short_sizes, d.train_max_size)
+    test = _resize_bounds((d.test_short_size,), d.test_max_size)
+    _check_fit("data.canvases", given, max(train[0], test[0]),
+               max(train[1], test[1]),
+               "data.train_short_sizes / train_max_size and "
+               "data.test_short_size / test_max_size")
+  if not t.get("canvases") or t.get("view") != "test_scale":
+    return
+  if not given:
+    raise ValueError(
+        f"config.teacher.canvases={tuple(t.canvases)!r}: one teacher canvas "
+        "per student canvas needs data.canvases; with a single data.canvas "
+        "set teacher.canvas.")
+  short, long = _resize_bounds((d.test_short_size,), d.test_max_size)
+  _check_fit("teacher.canvases", teacher_canvases(config), short, long,
+             "the teacher's test-scale view, data.test_short_size / "
+             "test_max_size")
 
 
 def _repeat_hint(value: Any, rule: _TupleRule) -> str:
@@ -558,6 +695,8 @@ def _repeat_hint(value: Any, rule: _TupleRule) -> str:
     return ""
   half = len(value) // 2
   repeated = len(value) % 2 == 0 and value[:half] == value[half:]
+  if rule.lengths is not None and len(value) in rule.lengths:
+    repeated = False  # a valid length (e.g. two equal canvases)
   too_long = rule.lengths is not None and len(value) > max(rule.lengths)
   if repeated or too_long:
     return (" (a tuple override given twice is concatenated by "
@@ -565,7 +704,15 @@ def _repeat_hint(value: Any, rule: _TupleRule) -> str:
   return ""
 
 
+_EXAMPLES = {
+    "data.canvases": "--config.data.canvases='((800,1344),(1344,800))'",
+    "teacher.canvases": "--config.teacher.canvases='((800,1344),(1344,800))'",
+}
+
+
 def _example(path: str) -> str:
+  if path in _EXAMPLES:
+    return f" Example: {_EXAMPLES[path]}"
   default = _get(base_config(), path)[1]
   if not default:
     return ""

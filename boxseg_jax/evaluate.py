@@ -24,6 +24,7 @@ from typing import Any, Dict
 
 import jax
 
+from boxseg_jax.data import pipeline
 from boxseg_jax.train import evaluate as eval_lib
 from boxseg_jax.train import inference_ckpt
 from boxseg_jax.train import models
@@ -56,9 +57,10 @@ def evaluate(model_src: inference_ckpt.InferenceModel,
   mesh = step_lib.make_mesh(config.train.num_devices)
   evaluator = eval_lib.Evaluator(config, models.build_model(config), mesh,
                                  output)
-  per_process = math.ceil(len(evaluator.source) / jax.process_count())
-  batches = math.ceil(per_process / (config.data.eval_batch_size //
-                                     jax.process_count()))
+  batches = pipeline.eval_batch_count(
+      evaluator.source, len(evaluator.tcfgs),
+      batch_size=config.data.eval_batch_size // jax.process_count(),
+      shard_count=jax.process_count())
   bar = progress_eval_step(evaluator, batches, f"evaluate {config.data.val}")
   try:
     return evaluator.run(model_src.state(), model_src.step)

@@ -10,8 +10,10 @@ r"""Runs a model on images: overlay PNGs and a COCO results JSON.
 ``--images`` is a glob (or a directory: every image file in it) or a
 dataset name ``coco:ROOT:SPLIT``. Images of any size and aspect are resized
 as evaluation does (short side ``data.test_short_size``, long side at most
-``data.test_max_size``, shrunk to fit ``data.canvas``); results are at the
-original resolution. Writes, under ``--output``:
+``data.test_max_size``, shrunk to fit ``data.canvas``, or with
+``data.canvases`` the canvas of the image's orientation, read from the file
+header or the COCO JSON without decoding); results are at the original
+resolution, in the order of the images. Writes, under ``--output``:
 
 * ``<name>.png``: the image with masks, boxes, class names and scores of
   the detections with score >= ``--score_thresh``;
@@ -61,6 +63,19 @@ class ImageFiles:
 
   def __len__(self) -> int:
     return len(self.paths)
+
+  def image_size(self, index: int):
+    """(height, width) from the file header (the pixels are not decoded)."""
+    path = self.paths[index]
+    try:
+      with Image.open(path) as img:
+        w, h = img.size
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # PIL raises many types for corrupt files.
+      raise coco.BadImageError(f"{path}: cannot read image size ({e})"
+                               ) from e
+    return h, w
 
   def __getitem__(self, index: int):
     image = coco.load_image(self.paths[index])
@@ -120,7 +135,7 @@ def predict(model_src: inference_ckpt.InferenceModel, source, *,
   mesh = step_lib.make_mesh(config.train.num_devices)
   eval_step = step_lib.jit_eval_step(
       step_lib.make_eval_fn(models.build_model(config), config), mesh)
-  tcfg = config_lib.transform_config(config, masks=None)
+  tcfgs = config_lib.transform_configs(config, masks=None)
   _, data_sharding = step_lib.shardings(mesh)
   bs = config.data.eval_batch_size
   if bs % mesh.devices.size:
@@ -137,7 +152,9 @@ def predict(model_src: inference_ckpt.InferenceModel, source, *,
                     dynamic_ncols=True)
   out: List[Prediction] = []
   params, stats = model_src.params, model_src.batch_stats
-  for batch in pipeline.eval_batches(source, tcfg, batch_size=bs,
+  # With data.canvases the batches come grouped by orientation (one canvas
+  # each, one compilation per canvas); ``out`` is put back in source order.
+  for batch in pipeline.eval_batches(source, tcfgs, batch_size=bs,
                                      num_threads=config.data.num_threads):
     image = jax.make_array_from_process_local_data(data_sharding,
                                                    batch["image"])
@@ -161,6 +178,7 @@ def predict(model_src: inference_ckpt.InferenceModel, source, *,
         bar.update(1)
   if bar is not None:
     bar.close()
+  out.sort(key=lambda p: index_of[p.image_id])
   missing = len(source) - len(out)
   if missing:
     logging.warning("%d image(s) could not be decoded and were skipped",

@@ -168,3 +168,84 @@ def test_scaled_ema_momentum_keeps_the_relative_horizon():
   assert config_lib.scaled_ema_momentum(4000) == pytest.approx(1 - 1 / 44.444,
                                                                rel=1e-4)
   assert config_lib.scaled_ema_momentum(50) == 0.0  # horizon below 1 step
+
+
+# --- orientation canvases (data.canvases, teacher.canvases). ---------------
+
+def _tiny(**overrides):
+  c = load(os.path.join(REPO, "configs", "tiny.py"))
+  c.data.train_short_sizes = (48, 64)   # short side <= 64, long <= 96
+  c.data.test_short_size = 64
+  for key, value in overrides.items():
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def test_one_canvas_is_the_default_and_unchanged():
+  c = _tiny()
+  assert c.data.canvases == () and config_lib.canvases(c) == ((96, 96),)
+  assert config_lib.teacher_canvases(c) == ((96, 96),)
+  c.teacher.canvas = (128, 128)
+  assert config_lib.teacher_canvases(c) == ((128, 128),)
+  (tcfg,) = config_lib.transform_configs(c, teacher_view=True)
+  assert tcfg == config_lib.transform_config(c, teacher_view=True)
+  assert tcfg.canvas == (96, 96) and tcfg.teacher_canvas == (128, 128)
+
+
+def test_teacher_canvases_follow_the_student_orientation():
+  c = _tiny(**{"data.canvases": ((64, 96), (96, 64))})
+  config_lib.validate(c)
+  assert config_lib.teacher_canvases(c) == ((64, 96), (96, 64))
+  c.teacher.canvas = (128, 128)  # one teacher canvas for both
+  assert config_lib.teacher_canvases(c) == ((128, 128), (128, 128))
+  c.teacher.canvases = ((96, 128), (128, 96))
+  config_lib.validate(c)
+  tcfgs = config_lib.transform_configs(c, teacher_view=True)
+  assert [(t.canvas, t.teacher_canvas) for t in tcfgs] == [
+      ((64, 96), (96, 128)), ((96, 64), (128, 96))]
+  # A caller that takes one canvas must say which.
+  with pytest.raises(ValueError, match=r"data\.canvases=.*canvases='\(\)'"):
+    config_lib.transform_config(c)
+  assert config_lib.transform_config(c, canvas_index=1).canvas == (96, 64)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({"data.canvases": ((96, 64), (96, 64))},
+     r"config\.data\.canvases=.*landscape with W >= H"),
+    ({"data.canvases": ((64, 96), (96, 64), (64, 96))},
+     r"config\.data\.canvases=.*2 canvases"),
+    ({"data.canvases": ((64, 100), (96, 64))}, "multiples of 32"),
+    ({"data.canvases": ((64, 96),)}, r"config\.data\.canvases=.*2 canvases"),
+    # Short side up to 64 (data.train_short_sizes) fits, 80 does not.
+    ({"data.canvases": ((64, 96), (96, 64)),
+      "data.train_short_sizes": (64, 80)},
+     r"config\.data\.canvases\[0\]=\(64, 96\): the landscape canvas .* "
+     r"short side up to 80, long side up to 96.*at least \(96, 96\)"),
+    ({"data.canvases": ((64, 96), (96, 64)), "data.test_max_size": 128},
+     r"config\.data\.canvases\[0\]=\(64, 96\).*long side up to 128.*at "
+     r"least \(64, 128\)"),
+    ({"data.canvases": ((64, 128), (96, 64)), "data.test_max_size": 128},
+     r"config\.data\.canvases\[1\]=\(96, 64\): the portrait canvas.*at "
+     r"least \(128, 64\)"),
+    ({"teacher.canvases": ((64, 96), (96, 64))},
+     r"config\.teacher\.canvases=.*needs data\.canvases"),
+    # The teacher's view is at the test scale (short 80 here).
+    ({"data.canvases": ((64, 96), (96, 64)), "data.test_short_size": 48,
+      "teacher.canvases": ((64, 96), (96, 64)),
+      "data.test_max_size": 96, "data.train_short_sizes": (48,)}, None),
+    ({"data.canvases": ((96, 96), (96, 96)), "data.test_short_size": 80,
+      "teacher.canvases": ((64, 96), (96, 64))},
+     r"config\.teacher\.canvases\[0\]=\(64, 96\).*test-scale view.*short "
+     r"side up to 80.*at least \(96, 96\)"),
+])
+def test_orientation_canvases_are_checked_naming_the_field(overrides, expect):
+  c = _tiny(**overrides)
+  if expect is None:
+    config_lib.validate(c)
+    return
+  with pytest.raises(ValueError, match=expect):
+    config_lib.validate(c)

@@ -45,6 +45,12 @@ class Subset:
       raise IndexError(i)
     return self.source[i]
 
+  def image_size(self, i):
+    """The source's ``image_size`` (orientation canvases, no decoding)."""
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return pipeline.image_size(self.source, i)
+
 
 def _images_with_masks(gt) -> Tuple[Set[int], bool]:
   """(ids of images whose annotations all have a segmentation, any mask)."""
@@ -96,7 +102,10 @@ class Evaluator:
     self.plan: Optional[Dict[str, Optional[List[int]]]] = None
     if config.train.eval_at_end or config.train.eval_every_steps:
       self.plan = self._plan()
-    self.tcfg = config_lib.transform_config(config, masks=None)
+    # One per canvas (data.canvases: landscape, portrait); eval_batches
+    # groups the images by orientation, one canvas per batch, and
+    # ``eval_step`` compiles once per canvas.
+    self.tcfgs = config_lib.transform_configs(config, masks=None)
     self.eval_step = step_lib.jit_eval_step(
         step_lib.make_eval_fn(model, config), mesh)
 
@@ -169,7 +178,7 @@ class Evaluator:
                        f"{self.mesh.devices.size} devices")
     results, images = [], []
     for batch in pipeline.eval_batches(
-        self.source, self.tcfg, batch_size=bs // num_proc,
+        self.source, self.tcfgs, batch_size=bs // num_proc,
         shard_index=proc, shard_count=num_proc,
         num_threads=self.config.data.num_threads):
       image = jax.make_array_from_process_local_data(data_sharding,

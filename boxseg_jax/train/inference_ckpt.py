@@ -316,7 +316,8 @@ def load_export(export_dir: str) -> InferenceModel:
 
 def _model_variables(config) -> Dict[str, Any]:
   model = models.build_model(config)
-  h, w = config.data.canvas
+  # Any canvas gives the same variables: the first one.
+  h, w = config_lib.canvases(config)[0]
   return jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3), jnp.float32),
       train=False))

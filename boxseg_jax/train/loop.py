@@ -4,7 +4,8 @@
 2. Model and optimizer; state born on the mesh (replicated, the PC bank
    sharded per device).
 3. Resume: workdir checkpoint -> ``config.init`` (partial) -> scratch.
-4. One jitted, donated ``train_step``; compiled once (logged).
+4. One jitted, donated ``train_step``; compiled once per canvas (each
+   compilation logged with its canvas; ``data.canvases``: two).
 5. Loop: metrics (CLU), progress, checkpoints, evaluation, SIGTERM.
 6. Final evaluation and checkpoint.
 """
@@ -76,8 +77,12 @@ def global_batch(batch: features.Batch, sharding) -> Dict[str, jax.Array]:
 
 def init_state(config, model, tx, mesh) -> state_lib.TrainState:
   """Initialises the train state directly on the mesh (replicated, the
-  memory bank sharded per device)."""
-  h, w = config.data.canvas
+  memory bank sharded per device).
+
+  ``model.init`` runs on the first canvas: parameters do not depend on the
+  canvas, and the bank's shapes depend on ``pc.crop`` only.
+  """
+  h, w = config_lib.canvases(config)[0]
   seed_key = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(seed_key)
   # Its own stream, so the other keys stay those of runs without a bank.
@@ -114,10 +119,10 @@ def make_train_input(config, proc: int = 0, num_proc: int = 1):
     source = eval_lib.Subset(source, config.data.num_train_images)
   config_lib.check_num_classes(config, source,
                                f"data.train={config.data.train}")
-  tcfg = config_lib.transform_config(
+  tcfgs = config_lib.transform_configs(
       config, teacher_view=step_lib.uses_teacher(config))
   train_iter = pipeline.TrainInput(
-      source, tcfg, batch_size=config.data.batch_size // num_proc,
+      source, tcfgs, batch_size=config.data.batch_size // num_proc,
       seed=config.seed, shard_index=proc, shard_count=num_proc,
       num_threads=config.data.num_threads,
       prefetch=config.data.prefetch_batches,
@@ -131,7 +136,8 @@ def build_model_and_optimizer(config):
   model = models.build_model(config)
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
-          (1,) + tuple(config.data.canvas) + (3,)), train=False))["params"]
+          (1,) + config_lib.canvases(config)[0] + (3,)), train=False)
+  )["params"]
   tx, schedule = optim.make_optimizer(
       config.optim, models.trainable_mask(config, abstract_params))
   return model, tx, schedule
@@ -299,11 +305,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   logging.info("Starting at step %d (%s)", start_step, how)
 
   # 4. Compiled step. -----------------------------------------------------
+  # jit traces once per input shape: one compilation per canvas.
   trace_count = [0]
+  canvases_seen = set()      # canvases of the batches this run trained on
+  compiled_canvases = set()  # canvases train_step was traced for
   raw_step = step_lib.make_train_step(model, tx, schedule, config)
 
   def counted_step(s, b):
     trace_count[0] += 1  # runs at trace time only
+    canvas = tuple(int(x) for x in b["image"].shape[1:3])
+    logging.info("train_step: compilation %d, canvas %dx%d", trace_count[0],
+                 *canvas)
+    if canvas in compiled_canvases:
+      logging.warning("train_step recompiled for canvas %s, which already "
+                      "has a compilation (a shape or dtype changed)", canvas)
+    compiled_canvases.add(canvas)
     return raw_step(s, b)
 
   train_step = step_lib.jit_train_step(counted_step, mesh)
@@ -342,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         logging.warning("Stopped at step %d after SIGTERM while waiting for "
                         "input; checkpoint saved.", step)
         return summary
+      canvases_seen.add(tuple(int(x) for x in batch["image"].shape[1:3]))
       host_counts["instances_dropped"] += float(batch["num_dropped"].sum())
       host_counts["instances_truncated"] += float(
           batch["num_truncated"].sum())
@@ -396,8 +413,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
     # 6. Final evaluation and checkpoint. ---------------------------------
     summary["compilations"] = trace_count[0]
-    logging.info("train_step compiled %d time(s) in this run",
-                 trace_count[0])
+    logging.info("train_step compiled %d time(s) in this run, for %d "
+                 "canvas(es) %s", trace_count[0], len(canvases_seen),
+                 sorted(canvases_seen))
     _save_unless_streak(ckpt, step, state, train_iter, force=True)
     if config.train.eval_at_end:
       summary["eval"] = evaluator.run(state, step, writer)
@@ -408,5 +426,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     ckpt.close()
     writer.flush()
     summary["compilations"] = trace_count[0]
+    summary["canvases_seen"] = sorted(canvases_seen)
     summary["final_step"] = step
     summary["state"] = state

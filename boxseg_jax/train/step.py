@@ -19,6 +19,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from boxseg_jax import config as config_lib
 from boxseg_jax.losses import condinst as condinst_losses
 from boxseg_jax.losses import mask_terms
 from boxseg_jax.methods import boxteacher
@@ -138,10 +139,11 @@ def _cutler_droploss(config) -> Optional[Callable]:
   c = config.cutler
   if not c.droploss:
     return None
-  h, w = config.data.canvas
-  locs = fcos_locations(h, w)
 
   def fn(outputs, targets, batch):
+    # The batch's canvas, static at trace time (one trace per canvas).
+    h, w = batch["image"].shape[1:3]
+    locs = fcos_locations(h, w)
     return cutler.droploss_weights(
         outputs["reg"], jnp.asarray(locs.points), jnp.asarray(locs.strides),
         batch["boxes"], batch["instance_valid"],
@@ -208,13 +210,31 @@ METHODS = {
 }
 
 
+def pc_crop(config: ml_collections.ConfigDict) -> Tuple[int, int]:
+  """PC's entry crop: ``pc.crop``, or () = the canvas (with
+  ``data.canvases``: the smallest height and width of the canvases).
+
+  The bank's shapes depend on this crop only, never on a batch's canvas.
+
+  Raises:
+    ValueError: the crop does not fit one of the canvases.
+  """
+  all_canvases = config_lib.canvases(config)
+  crop = tuple(config.pc.crop) or tuple(
+      min(c[i] for c in all_canvases) for i in range(2))
+  for canvas in all_canvases:
+    if crop[0] > canvas[0] or crop[1] > canvas[1]:
+      where = (f"data.canvases={all_canvases}" if config.data.canvases
+               else f"data.canvas={canvas}")
+      raise ValueError(f"pc.crop={crop} is larger than the canvas {canvas} "
+                       f"({where}): the crop must fit every canvas")
+  return crop
+
+
 def pc_config(config: ml_collections.ConfigDict) -> pc.PCConfig:
-  """``config.pc`` as the static ``pc.PCConfig`` (crop () = the canvas)."""
+  """``config.pc`` as the static ``pc.PCConfig`` (crop: ``pc_crop``)."""
   p = config.pc
-  crop = tuple(p.crop or config.data.canvas)
-  if any(c > d for c, d in zip(crop, config.data.canvas)):
-    raise ValueError(f"pc.crop={crop} is larger than data.canvas="
-                     f"{tuple(config.data.canvas)}")
+  crop = pc_crop(config)
   return pc.PCConfig(
       type=p.type, capacity=p.capacity, crop=crop,
       max_objects=p.max_objects, iou_thresh=p.iou_thresh,

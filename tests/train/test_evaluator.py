@@ -14,6 +14,7 @@ import types
 
 import pytest
 
+from boxseg_jax.data import pipeline
 from boxseg_jax.train import evaluate as eval_lib
 from boxseg_jax.train import models
 from boxseg_jax.train import step as step_lib
@@ -22,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
-def _evaluator(tmp_path, val):
+def _evaluator(tmp_path, val, **overrides):
   spec = importlib.util.spec_from_file_location(
       "tiny", os.path.join(REPO, "configs", "tiny.py"))
   mod = importlib.util.module_from_spec(spec)
@@ -30,6 +31,12 @@ def _evaluator(tmp_path, val):
   c = mod.get_config()
   c.data.val = val
   c.eval.num_panels = 0
+  for key, value in overrides.items():
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
   return eval_lib.Evaluator(c, models.build_model(c), step_lib.make_mesh(-1),
                             str(tmp_path / "w"))
 
@@ -78,3 +85,22 @@ def test_val_with_masks_gets_every_type(tmp_path, write_tiny_coco):
   evaluator = _evaluator(tmp_path, write_tiny_coco(str(tmp_path / "d")))
   assert set(evaluator.plan) == set(evaluator.iou_types)
   assert all(ids is None for ids in evaluator.plan.values())
+
+
+def test_two_canvases_group_the_val_images_by_orientation(
+    tmp_path, write_oriented_coco):
+  spec = write_oriented_coco(str(tmp_path / "d"),
+                             [(48, 64), (64, 48), (64, 48), (48, 48)])
+  evaluator = _evaluator(tmp_path, spec, **{
+      "data.canvases": ((64, 96), (96, 64)),
+      "data.train_short_sizes": (48, 64), "data.test_short_size": 64,
+      "eval.num_images": 3})
+  assert [t.canvas for t in evaluator.tcfgs] == [(64, 96), (96, 64)]
+  # The first 3 images (a Subset): one landscape, two portrait.
+  groups = pipeline.orientation_groups(evaluator.source, 2)
+  assert [g.tolist() for g in groups] == [[0], [1, 2]]
+  batches = list(pipeline.eval_batches(evaluator.source, evaluator.tcfgs,
+                                       batch_size=2))
+  assert [b["image"].shape[1:3] for b in batches] == [(64, 96), (96, 64)]
+  assert [b["image_id"][b["example_valid"]].tolist() for b in batches] == [
+      [1], [2, 3]]
