@@ -27,6 +27,10 @@ def get_config(arg=None):
   c.data.photometric = "none"
   c.teacher.view = "test_scale"
   c.teacher.bn_mode = "train"
+  # Landscape / portrait canvases (one compilation each), the teacher's
+  # test-scale view likewise.
+  c.data.canvases = ((800, 1344), (1344, 800))
+  c.teacher.canvases = ((800, 1344), (1344, 800))
   c.pc.enabled = True
   c.train.panel_every_steps = 5000   # pasted batches in TensorBoard
   c.pc.crop = (640, 640)

@@ -21,4 +21,7 @@ def get_config(arg=None):
   c.method = "boxinst"
   # BoxInst trains on the geometric view only (no colour augmentation).
   c.data.photometric = "none"
+  # detectron2's aspect-ratio grouping with static shapes: landscape and
+  # portrait batches on their own canvas (one compilation each).
+  c.data.canvases = ((800, 1344), (1344, 800))
   return c

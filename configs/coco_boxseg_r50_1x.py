@@ -57,11 +57,15 @@ def get_config(arg=None):
   c.data.photometric = "strongv2"
   c.teacher.view = "test_scale"
   c.teacher.bn_mode = "train"
+  # Landscape / portrait canvases (one compilation each), the teacher's
+  # test-scale view likewise.
+  c.data.canvases = ((800, 1344), (1344, 800))
+  c.teacher.canvases = ((800, 1344), (1344, 800))
   # BoxTeacher's (and BoxSeg's) own optimizer decays norm parameters too.
   c.optim.weight_decay_norm = -1.0
   c.boxteacher.warmup_iters = 10000
   config_lib.use_boxseg(c)
-  # A bank entry is a 640x640 crop (of the 1344 canvas) around its objects.
+  # A bank entry is a 640x640 crop (fits both canvases) around its objects.
   c.pc.crop = (640, 640)
   if variant:
     config_lib.use_boxseg_variant(c, variant[0])

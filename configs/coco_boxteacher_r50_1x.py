@@ -31,6 +31,10 @@ def get_config(arg=None):
   c.data.photometric = "strong" if variant == "1x" else "strongv2"
   c.teacher.view = "test_scale"
   c.teacher.bn_mode = "train"
+  # Landscape / portrait canvases (one compilation each), the teacher's
+  # test-scale view likewise.
+  c.data.canvases = ((800, 1344), (1344, 800))
+  c.teacher.canvases = ((800, 1344), (1344, 800))
   # BoxTeacher's own optimizer decays norm parameters too (§10.5).
   c.optim.weight_decay_norm = -1.0
   c.boxteacher.warmup_iters = 10000

@@ -172,6 +172,25 @@ def test_scaled_ema_momentum_keeps_the_relative_horizon():
 
 # --- orientation canvases (data.canvases, teacher.canvases). ---------------
 
+COCO_CANVASES = ((800, 1344), (1344, 800))
+
+
+@pytest.mark.parametrize("name", [
+    "coco_boxinst_r50_1x.py", "coco_boxinst_pc_r50_1x.py",
+    "coco_boxteacher_r50_1x.py", "coco_boxteacher_r50_3x.py",
+    "coco_boxteacher_r101_3x.py", "coco_boxseg_r50_1x.py",
+    "coco_boxseg_r50_3x.py", "coco_boxseg_r101_3x.py", "voc_boxseg_r50.py",
+    "boxseg_code_r50_1x.py"])
+def test_coco_recipes_use_orientation_canvases(name):
+  c = load(os.path.join(REPO, "configs", name))
+  config_lib.validate(c)
+  assert config_lib.canvases(c) == COCO_CANVASES
+  assert config_lib.teacher_canvases(c) == COCO_CANVASES
+  tcfgs = config_lib.transform_configs(c, teacher_view=True)
+  assert [t.canvas for t in tcfgs] == list(COCO_CANVASES)
+  assert [t.teacher_canvas for t in tcfgs] == list(COCO_CANVASES)
+
+
 def _tiny(**overrides):
   c = load(os.path.join(REPO, "configs", "tiny.py"))
   c.data.train_short_sizes = (48, 64)   # short side <= 64, long <= 96
