@@ -50,6 +50,17 @@ def _load(path, name):
   return mod
 
 
+def _todo(variants, seeds, results):
+  """(variant, seed, key) of the runs not in `results` yet."""
+  for variant in variants:
+    for seed in seeds:
+      key = f"{variant}/seed{seed}"
+      if key in results:
+        print(f"{key}: in the results file already, skipped")
+      else:
+        yield variant, seed, key
+
+
 def run_shapes(variants, seeds, workdir, results, save):
   """Trains configs/demo.py:VARIANT for every variant and seed.
 
@@ -58,26 +69,21 @@ def run_shapes(variants, seeds, workdir, results, save):
   """
   from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
   demo = _load(REPO / "configs" / "demo.py", "demo")
-  for variant in variants:
-    for seed in seeds:
-      key = f"{variant}/seed{seed}"
-      if key in results:
-        print(f"{key}: in the results file already, skipped")
-        continue
-      wd = os.path.join(workdir, f"{variant}_seed{seed}")
-      if os.path.exists(wd):
-        shutil.rmtree(wd)
-      config = demo.get_config(variant)
-      config.seed = seed
-      config.train.panel_every_steps = 0   # pictures do not change training
-      t0 = time.time()
-      summary = loop.train_and_evaluate(config, wd)
-      trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
-               if "pseudo_iou" in m]
-      results[key] = {"method": f"boxseg:{variant}", "seed": seed,
-                      "eval": summary["eval"], "pseudo_iou": trace,
-                      "seconds": round(time.time() - t0, 1)}
-      save(results)
+  for variant, seed, key in _todo(variants, seeds, results):
+    wd = os.path.join(workdir, f"{variant}_seed{seed}")
+    if os.path.exists(wd):
+      shutil.rmtree(wd)
+    config = demo.get_config(variant)
+    config.seed = seed
+    config.train.panel_every_steps = 0   # pictures do not change training
+    t0 = time.time()
+    summary = loop.train_and_evaluate(config, wd)
+    trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
+             if "pseudo_iou" in m]
+    results[key] = {"method": f"boxseg:{variant}", "seed": seed,
+                    "eval": summary["eval"], "pseudo_iou": trace,
+                    "seconds": round(time.time() - t0, 1)}
+    save(results)
   return results
 
 
@@ -89,15 +95,10 @@ def run_coco_mini(variants, seeds, args, results, save):
   ns = argparse.Namespace(root=args.root, steps=args.steps,
                           canvas=args.canvas, num_images=args.num_images,
                           workdir=args.workdir)
-  for variant in variants:
-    for seed in seeds:
-      key = f"{variant}/seed{seed}"
-      if key in results:
-        print(f"{key}: in the results file already, skipped")
-        continue
-      raw = overfit.run([f"boxseg:{variant}"], [seed], ns, args.set)
-      results[key] = next(iter(raw.values()))
-      save(results)
+  for variant, seed, key in _todo(variants, seeds, results):
+    raw = overfit.run([f"boxseg:{variant}"], [seed], ns, args.set)
+    results[key] = next(iter(raw.values()))
+    save(results)
   return results
 
 
