@@ -51,10 +51,11 @@ def ceiling(config, stride: int = 4) -> Dict[str, Dict[str, float]]:
       with_masks=True, require_masks=True,
       tfds_data_dir=config.data.tfds_data_dir or None)
   gt = coco_eval.gt_from_source(source)
-  tcfg = config_lib.transform_config(config, masks="full")
+  # One config per canvas: with data.canvases each orientation on its own.
+  tcfgs = config_lib.transform_configs(config, masks="full")
   results = {"point": [], "area": []}
   for batch in pipeline.eval_batches(
-      source, tcfg, batch_size=config.data.eval_batch_size,
+      source, tcfgs, batch_size=config.data.eval_batch_size,
       num_threads=config.data.num_threads):
     for i in np.nonzero(batch["example_valid"])[0]:
       valid = batch["instance_valid"][i]

@@ -120,10 +120,12 @@ def visualize(config, output: str, num_batches: int = 1,
   name = f"data.{split}={spec}"
   limit = config.data.max_consecutive_skips
   has_masks = "masks" in first_loadable(source, limit, name)
-  tcfg = config_lib.transform_config(config,
-                                     masks="full" if has_masks else None)
+  # One config per canvas (data.canvases: landscape and portrait batches,
+  # as the trainer draws them).
+  tcfgs = config_lib.transform_configs(config,
+                                       masks="full" if has_masks else None)
   batches = pipeline.TrainInput(
-      source, tcfg, batch_size=config.data.batch_size, seed=config.seed,
+      source, tcfgs, batch_size=config.data.batch_size, seed=config.seed,
       num_threads=config.data.num_threads, max_consecutive_skips=limit,
       name=name)
   os.makedirs(output, exist_ok=True)

@@ -141,3 +141,19 @@ def test_workdir_without_a_checkpoint_is_named(tmp_path):
   with pytest.raises(ValueError, match="no teacher"):
     visualize_data.visualize_student(_load_config("tiny"), str(tmp_path),
                                      str(tmp_path))
+
+
+def test_orientation_canvases_render_each_batch_on_its_canvas(
+    tmp_path, write_oriented_coco):
+  sizes = [(48, 64), (64, 48)] * 3
+  spec = write_oriented_coco(str(tmp_path / "d"), sizes)
+  cfg = config_helpers.load_config_file("tiny", **{
+      "data.train": spec, "data.canvases": ((64, 96), (96, 64)),
+      "data.train_short_sizes": (48, 64), "data.test_short_size": 64,
+      "data.batch_size": 1})
+  paths = visualize_data.visualize(cfg, str(tmp_path / "out"), num_batches=8)
+  # Two views side by side (+8 px) above a 16-px caption, enlarged x2: the
+  # PNG's size tells the batch's canvas; both orientations appear.
+  shapes = {Image.open(p).size for p in paths}
+  assert shapes == {(2 * (2 * 96 + 8), 2 * (64 + 16)),
+                    (2 * (2 * 64 + 8), 2 * (96 + 16))}
