@@ -119,13 +119,17 @@ class CondInst(nn.Module):
     return FPN_STRIDES
 
   @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, image: jax.Array, *, train: bool,
+               pyramid_only: bool = False) -> dict[str, jax.Array]:
     """Runs the network.
 
     Args:
       image: `[B, H, W, 3]` normalised image (the caller subtracts the mean
         and divides by the std), `H, W` multiples of 32.
       train: batch statistics (and `batch_stats` updates) in the mask branch.
+      pyramid_only: return the FPN levels (`{"p3": ..., "p7": ...}`, the
+        computation dtype) before any head: the backbone+FPN share of the
+        cost (benchmarks/train_throughput.py).
 
     Returns:
       With `L` = all P3..P7 locations (`fcos_locations(H, W)` order), float32:
@@ -143,6 +147,8 @@ class CondInst(nn.Module):
                       width=self.resnet_width, norm=self.backbone_norm,
                       name="backbone", **kw)(x, train)
     pyramid = FPN(out_channels=self.fpn_channels, name="fpn", **kw)(features)
+    if pyramid_only:
+      return dict(pyramid)
     head = FCOSHead(num_classes=self.num_classes,
                     num_convs=self.head_num_convs,
                     num_levels=len(PYRAMID_LEVELS),
