@@ -14,8 +14,9 @@ Nothing here imports jax: the host pipeline is numpy/PIL/grain only.
   num_crowd     int, crowd regions dropped by the source (never instances).
   num_bad_boxes int, annotations dropped by the source (NaN, degenerate).
 
-**Batch** (what the pipeline yields; static shapes; ``N = max_instances``, one
-fixed canvas ``H x W`` per config):
+**Batch** (what the pipeline yields; static shapes; ``N = max_instances``;
+one canvas ``H x W`` per batch: ``data.canvas``, or with ``data.canvases``
+the landscape or the portrait canvas of the batch's orientation group):
 
   image           uint8 [B, H, W, 3] student view (photometric augmentation).
   image_teacher   uint8 [B, H, W, 3] same geometry, no photometric change.

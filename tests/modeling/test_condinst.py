@@ -81,6 +81,20 @@ def test_outputs_shapes_and_level_order(small_eval):
   assert float(out["reg"].min()) >= 0.0
 
 
+def test_pyramid_only_is_the_heads_input(small, small_eval):
+  model, variables, image = small
+  pyramid = jax.jit(lambda v, x: model.apply(
+      v, x, train=False, pyramid_only=True))(variables, image)
+  assert sorted(pyramid) == ["p3", "p4", "p5", "p6", "p7"]
+  assert [pyramid[k].shape[1:3] for k in sorted(pyramid)] == (
+      fpn_level_shapes(H, W))
+  # The same tensors the FCOS head reads in the full forward.
+  _, state = small_eval
+  head_in = state["intermediates"]["fpn"]["__call__"][0]
+  for k in pyramid:
+    np.testing.assert_allclose(pyramid[k], head_in[k], rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_gradients_and_train_step(small):
   model, variables, image = small
   params, batch_stats = variables["params"], variables["batch_stats"]
