@@ -25,12 +25,13 @@ the mask branch (computed over the global batch here).
 
 ``load_config_file(path, arg=None, **overrides)``: a config file's
 ``get_config(arg)`` (what ``--config=PATH:ARG`` gives) with dotted-key
-overrides, for notebooks, benchmarks and tests.
+overrides, for notebooks, benchmarks and tests; ``apply_overrides(config,
+overrides)`` the same overrides on a config already loaded.
 """
 
 import importlib.util
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import ml_collections
 
@@ -81,6 +82,13 @@ def load_config_file(path: str, arg: Optional[str] = None,
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config() if arg is None else mod.get_config(arg)
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets ``{"group.field": value}`` in ``config`` (in place; returned);
+  an unknown key raises ``KeyError``."""
   for key, value in overrides.items():
     node = config
     *parents, last = key.split(".")

@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 
 from boxseg_jax import config as config_lib
+from boxseg_jax import config_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,13 +196,7 @@ def _tiny(**overrides):
   c = load(os.path.join(REPO, "configs", "tiny.py"))
   c.data.train_short_sizes = (48, 64)   # short side <= 64, long <= 96
   c.data.test_short_size = 64
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_helpers.apply_overrides(c, overrides)
 
 
 def test_one_canvas_is_the_default_and_unchanged():

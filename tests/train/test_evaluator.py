@@ -14,6 +14,7 @@ import types
 
 import pytest
 
+from boxseg_jax import config_helpers
 from boxseg_jax.data import pipeline
 from boxseg_jax.train import evaluate as eval_lib
 from boxseg_jax.train import models
@@ -31,12 +32,7 @@ def _evaluator(tmp_path, val, **overrides):
   c = mod.get_config()
   c.data.val = val
   c.eval.num_panels = 0
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  config_helpers.apply_overrides(c, overrides)
   return eval_lib.Evaluator(c, models.build_model(c), step_lib.make_mesh(-1),
                             str(tmp_path / "w"))
 

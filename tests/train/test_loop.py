@@ -33,13 +33,7 @@ def tiny_config(**overrides):
   c.train.eval_at_end = False
   c.ckpt.every_steps = 2
   c.ckpt.max_to_keep = 10
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_helpers.apply_overrides(c, overrides)
 
 
 def _leaves(state):

@@ -31,13 +31,7 @@ def _config(**overrides):
   c.boxteacher.iou_thresh = 0.0
   c.boxteacher.warmup_iters = 1
   c.model.backbone_norm = "BN"   # BN in the backbone too: more statistics
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_helpers.apply_overrides(c, overrides)
 
 
 class _Setup:
