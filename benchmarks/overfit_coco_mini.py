@@ -35,6 +35,7 @@ import shutil
 import time
 
 from boxseg_jax import config as config_lib
+from boxseg_jax import config_helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,14 +49,12 @@ def _parse_value(text):
 
 def apply_overrides(c, overrides):
   """``key=value`` strings (JSON values; lists become tuples)."""
+  parsed = {}
   for item in overrides:
     key, _, value = item.partition("=")
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
     v = _parse_value(value)
-    node[last] = tuple(v) if isinstance(v, list) else v
+    parsed[key] = tuple(v) if isinstance(v, list) else v
+  config_helpers.apply_overrides(c, parsed)
 
 
 def _load_config(name):
