@@ -26,11 +26,12 @@ analysis (arguments + outputs + temporaries - donated aliases).
 
 `--split`: the step split into separately jitted, cumulative pieces on the
 first landscape batch (BoxInst): backbone+FPN forward/backward, the whole
-network forward/backward (heads = the difference), the FCOS targets, the
-losses without mask terms (FCOS + controller gather + dynamic head), the
-losses with BoxInst's terms (mask terms = the difference), the train step
-(optimizer update and finite guard = the difference); and BoxSeg's
-`student_batch_fn` (teacher EMA + teacher forward + QAM pseudo labels +
+network forward/backward (every head output, for reference), the FCOS
+targets, the losses without mask terms (FCOS heads and losses, controller
+gather), the losses with BoxInst's terms (mask branch, dynamic head and
+mask terms = the difference), the train step (optimizer update and finite
+guard = the difference); `derive_parts` turns the chain into parts; and
+BoxSeg's `student_batch_fn` (teacher EMA + teacher forward + QAM pseudo labels +
 PC paste) when BoxSeg is measured.
 
 `--bf16_check`: one step's losses with `model.dtype=bfloat16` against f32,
@@ -264,20 +265,33 @@ def split_boxinst(args, mesh) -> Dict[str, Any]:
   secs, _, _ = _time(compiled, [(state, batch)] * (1 + args.split_steps), 1,
                      carry_state=True)
   out["train_step"] = dict(seconds=secs, **cost)
-  cum = ["backbone_fpn", "network", "losses_without_mask_terms", "losses",
-         "train_step"]
-  parts = {"backbone_fpn": out["backbone_fpn"]}
-  names = {"network": "heads", "losses_without_mask_terms":
-           "fcos_losses_and_dynamic_head_without_targets",
-           "losses": "mask_terms", "train_step": "update_and_guard"}
-  for prev, cur in zip(cum, cum[1:]):
-    sub = out["targets"] if cur == "losses_without_mask_terms" else None
-    parts[names[cur]] = {
-        k: out[cur][k] - out[prev][k] - (sub[k] if sub else 0.0)
-        for k in ("seconds", "flops")}
-  parts["targets"] = {k: out["targets"][k] for k in ("seconds", "flops")}
   return {"canvas": list(args.orientation[0]), "cumulative": out,
-          "parts": parts}
+          "parts": derive_parts(out)}
+
+
+def derive_parts(cumulative: Dict[str, Dict[str, float]]
+                 ) -> Dict[str, Dict[str, float]]:
+  """The step's parts as differences of the cumulative pieces.
+
+  The chain is backbone_fpn -> losses_without_mask_terms -> losses ->
+  train_step (each contains the one before). `network` (every head output
+  on every location, mask branch included) is not on it: the losses
+  without mask terms never read the mask branch, so XLA drops it there.
+  Seconds of a difference can come out negative where the two timings'
+  noise exceeds the part (the update on a CPU); FLOPs cannot.
+  """
+  c = cumulative
+  diff = lambda a, b, sub=None: {  # noqa: E731
+      k: c[a][k] - c[b][k] - (c[sub][k] if sub else 0.0)
+      for k in ("seconds", "flops")}
+  return {
+      "backbone_fpn": {k: c["backbone_fpn"][k] for k in ("seconds", "flops")},
+      "targets": {k: c["targets"][k] for k in ("seconds", "flops")},
+      "fcos_heads_losses_and_controllers": diff(
+          "losses_without_mask_terms", "backbone_fpn", "targets"),
+      "mask_branch_and_terms": diff("losses", "losses_without_mask_terms"),
+      "update_and_guard": diff("train_step", "losses"),
+  }
 
 
 def split_teacher(args, mesh) -> Dict[str, Any]:

@@ -68,7 +68,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_one_step_together(tmp_path):
+def test_two_processes_train_together_on_both_canvases(tmp_path,
+                                                      write_oriented_coco):
+  """Two processes, orientation canvases: every step both use the same
+  canvas (one compilation per canvas each), agree on the loss, and write
+  their own input position; process 0 evaluates."""
+  # 4 landscape + 4 portrait images: 2 of each group per process.
+  data = write_oriented_coco(str(tmp_path / "data"),
+                             [(48, 64), (64, 48)] * 4)
   port = _free_port()
   env = forced_devices.env_with_devices(1)
   procs = []
@@ -77,7 +84,13 @@ def test_two_processes_train_one_step_together(tmp_path):
         [sys.executable, "-m", "boxseg_jax.main", "--distributed",
          f"--coordinator_address=localhost:{port}", "--num_processes=2",
          f"--process_id={i}", "--config=configs/tiny.py",
-         f"--workdir={tmp_path}", "--config.train.num_steps=1",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.train={data}",
+         f"--config.data.val={data}",
+         "--config.data.canvases=((64,96),(96,64))",
+         "--config.data.train_short_sizes=(48,64)",
+         # Seed 0 draws both canvases in steps 0-1
+         # (test_orientation_canvases checks the schedule).
+         "--config.seed=0", "--config.train.num_steps=2",
          "--config.train.log_every_steps=1", "--config.ckpt.every_steps=1",
          "--config.train.eval_at_end=True"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -95,9 +108,15 @@ def test_two_processes_train_one_step_together(tmp_path):
     assert "process %d of 2" % i in out
   losses = [s["last_metrics"]["loss"] for s in summaries]
   assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-  assert summaries[0]["final_step"] == summaries[1]["final_step"] == 1
+  assert summaries[0]["final_step"] == summaries[1]["final_step"] == 2
+  for s in summaries:
+    assert s["canvases_seen"] == [[64, 96], [96, 64]]
+    assert s["compilations"] == 2
   # Both processes wrote their input position; process 0 the evaluation.
-  ckpt = tmp_path / "checkpoints"
-  assert (ckpt / "input" / "1.p0.json").exists()
-  assert (ckpt / "input" / "1.p1.json").exists()
-  assert (tmp_path / "eval" / "step_1.json").exists()
+  ckpt = tmp_path / "run" / "checkpoints"
+  assert (ckpt / "input" / "2.p0.json").exists()
+  assert (ckpt / "input" / "2.p1.json").exists()
+  with open(ckpt / "input" / "2.p1.json") as f:
+    position = json.load(f)
+  assert position["step"] == 2 and set(position["groups"]) == {"0", "1"}
+  assert (tmp_path / "run" / "eval" / "step_2.json").exists()
