@@ -107,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.pairwise_dilation = 2
   c.loss.pairwise_color_thresh = 0.3
   c.loss.pairwise_warmup_iters = 10000
+  # Weight of the warmed-up pairwise term; the reference has none (1.0).
+  c.loss.pairwise_weight = 1.0
   # FCOS classification: "focal" (one-hot targets) or "varifocal" (BoxSeg,
   # reference §4C.3: IoU-valued targets, w = t or alpha * sigma(z)^gamma).
   c.loss.cls_loss = "focal"

@@ -128,14 +128,17 @@ def projection_term(inst: MaskInstances) -> dict:
 
 
 def pairwise_term(inst: MaskInstances, *, color_thresh: float = 0.3,
-                  warmup_iters: int = 10000) -> dict:
-  """BoxInst colour-pairwise term with its warm-up (§3.5)."""
+                  warmup_iters: int = 10000, weight: float = 1.0) -> dict:
+  """BoxInst colour-pairwise term with its warm-up (§3.5).
+
+  `weight` multiplies the warmed-up term; the reference has none (1.0).
+  """
   loss, _ = boxinst.pairwise_loss(
       inst.logits, inst.similarity[:, None], inst.box_masks,
       inst.slot_valid, color_thresh=color_thresh, size=inst.pairwise_size,
       dilation=inst.pairwise_dilation)
   warmup = boxinst.pairwise_warmup_factor(inst.step, warmup_iters)
-  return {'loss_pairwise': loss * warmup, 'pairwise_warmup': warmup}
+  return {'loss_pairwise': weight * warmup * loss, 'pairwise_warmup': warmup}
 
 
 def gt_mask_term(inst: MaskInstances) -> dict:

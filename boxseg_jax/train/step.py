@@ -66,7 +66,8 @@ def _boxinst_terms(config) -> Tuple[mask_terms.MaskTerm, ...]:
   return (mask_terms.projection_term,
           functools.partial(mask_terms.pairwise_term,
                             color_thresh=lc.pairwise_color_thresh,
-                            warmup_iters=lc.pairwise_warmup_iters))
+                            warmup_iters=lc.pairwise_warmup_iters,
+                            weight=lc.pairwise_weight))
 
 
 def _gt_mask_terms(config) -> Tuple[mask_terms.MaskTerm, ...]:

@@ -270,6 +270,16 @@ def test_pairwise_warmup_and_example_valid():
   assert float(a0['loss_pairwise']) > 0
   np.testing.assert_allclose(float(a1['loss_pairwise']),
                              5000 * float(a0['loss_pairwise']), rtol=1e-4)
+  # loss.pairwise_weight multiplies the warmed-up term (default 1.0).
+  weighted = (mask_terms.projection_term, functools.partial(
+      mask_terms.pairwise_term, warmup_iters=10000, weight=3.0))
+  _, a3 = jax.jit(lambda o, bt, s: condinst.condinst_losses(
+      o, None, bt, step=s, topk_proposals_per_im=8,
+      mask_terms=weighted))(outputs, batch, 0)
+  np.testing.assert_allclose(float(a3['loss_pairwise']),
+                             3 * float(a0['loss_pairwise']), rtol=1e-5)
+  np.testing.assert_allclose(float(a3['loss_prj']), float(a0['loss_prj']),
+                             rtol=1e-6)
   # Dropping image 1 removes its positives and its mask-head slots.
   _, a2 = fn(outputs, dict(batch, example_valid=jnp.array([True, False])), 0)
   targets = _targets(batch)
