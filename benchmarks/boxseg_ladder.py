@@ -9,8 +9,8 @@ two box-fill baselines (the same detections with boxes filled as masks:
 what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
 GT masks at the end of training, per run and averaged over seeds.
 
-* `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 10
-  minutes per run on 2 CPU cores; 10 variants x 1 seed: ~100 minutes);
+* `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 33
+  minutes per run on 2 CPU cores, measured; 10 variants x 1 seed: ~5.5 h);
 * `--data=coco_mini`: benchmarks/overfit_coco_mini.py's 16 photos with
   `boxseg:VARIANT` (`--steps`, default 600).
 
