@@ -7,7 +7,9 @@ pc_hq_random_place, full = pc_hq_overlap; qam_code) with every seed
 of `--seeds`, on one of two data sets, and prints one table: segm AP, the
 two box-fill baselines (the same detections with boxes filled as masks:
 what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
-GT masks at the end of training, per run and averaged over seeds.
+GT masks at the end of training (over the GTs that have a pseudo mask, and
+over all GTs: a method that gives fewer GTs a pseudo mask can have the
+higher first and the lower second), per run and averaged over seeds.
 
 * `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 33
   minutes per run on 2 CPU cores, measured; 10 variants x 1 seed: ~5.5 h);
@@ -69,6 +71,7 @@ def run_shapes(variants, seeds, workdir, results, save):
   """
   from boxseg_jax.train import loop  # pylint: disable=g-import-not-at-top
   demo = _load(REPO / "configs" / "demo.py", "demo")
+  overfit = _load(REPO / "benchmarks" / "overfit_coco_mini.py", "overfit")
   for variant, seed, key in _todo(variants, seeds, results):
     wd = os.path.join(workdir, f"{variant}_seed{seed}")
     if os.path.exists(wd):
@@ -78,10 +81,9 @@ def run_shapes(variants, seeds, workdir, results, save):
     config.train.panel_every_steps = 0   # pictures do not change training
     t0 = time.time()
     summary = loop.train_and_evaluate(config, wd)
-    trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
-             if "pseudo_iou" in m]
     results[key] = {"method": f"boxseg:{variant}", "seed": seed,
-                    "eval": summary["eval"], "pseudo_iou": trace,
+                    "eval": summary["eval"],
+                    **overfit.pseudo_traces(summary["history"]),
                     "seconds": round(time.time() - t0, 1)}
     save(results)
   return results
@@ -102,26 +104,34 @@ def run_coco_mini(variants, seeds, args, results, save):
   return results
 
 
+def _last(r, name):
+  trace = r.get(name) or []
+  return trace[-1][1] if trace else float("nan")
+
+
 def _cells(r):
+  """A row's APs, its pseudo masks' IoU at the end of training (over the
+  GTs that have one) and their coverage-weighted IoU (over all GTs: IoU x
+  fraction; nan for runs saved before the fraction was recorded)."""
   ev = r["eval"]
   vals = [ev[c]["AP"] if c in ev else float("nan") for c in COLUMNS]
-  trace = r.get("pseudo_iou") or []
-  vals.append(trace[-1][1] if trace else float("nan"))
-  return vals
+  iou = _last(r, "pseudo_iou")
+  return vals + [iou, iou * _last(r, "pseudo_fraction")]
 
 
 def print_table(results, variants):
-  head = "".join(f"{c:>19}" for c in COLUMNS + ("pseudo_iou",))
-  print(f"{'variant/seed':<20}{head}")
+  head = "".join(f"{c:>19}" for c in COLUMNS + ("pseudo_iou",
+                                                "pseudo_iou_all_gts"))
+  print(f"{'variant/seed':<26}{head}")
   for key, r in results.items():
-    print(f"{key:<20}" + "".join(f"{v:19.3f}" for v in _cells(r)))
+    print(f"{key:<26}" + "".join(f"{v:19.3f}" for v in _cells(r)))
   print("mean over seeds")
   for variant in variants:
     rows = [_cells(r) for k, r in results.items()
             if k.split("/")[0] == variant]
     if rows:
       means = [statistics.fmean(col) for col in zip(*rows)]
-      print(f"{variant:<20}" + "".join(f"{v:19.3f}" for v in means))
+      print(f"{variant:<26}" + "".join(f"{v:19.3f}" for v in means))
 
 
 def main():

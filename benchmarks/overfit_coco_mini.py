@@ -146,11 +146,28 @@ def run(methods, seeds, args, overrides):
       results[key] = {"method": method, "seed": seed,
                       "eval": summary["eval"],
                       "seconds": round(time.time() - t0, 1)}
-      trace = [(s, m["pseudo_iou"]) for s, m in summary["history"]
-               if "pseudo_iou" in m]
-      if trace:
-        results[key]["pseudo_iou"] = trace
+      results[key].update(pseudo_traces(summary["history"]))
   return results
+
+
+# The pseudo-label monitors (`methods.boxteacher.pseudo_label_metrics`)
+# kept per run: mean IoU with the GT masks over the GTs that have a pseudo
+# mask, the fraction of GTs that have one, and their mean flag. IoU alone
+# compares different subsets of GTs across methods; fraction x IoU is the
+# mean IoU over all GTs (0 for a GT without a pseudo mask).
+PSEUDO_TRACES = ("pseudo_iou", "pseudo_fraction", "pseudo_flag_mean")
+
+
+def pseudo_traces(history):
+  """{monitor: [(step, value), ...]} of `PSEUDO_TRACES` in a training
+  history (`loop.train_and_evaluate`'s `summary["history"]`); monitors a
+  run does not log are left out."""
+  out = {}
+  for name in PSEUDO_TRACES:
+    trace = [(step, m[name]) for step, m in history if name in m]
+    if trace:
+      out[name] = trace
+  return out
 
 
 def print_table(results):
