@@ -156,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.qam.k_area = "original"           # GT area in original | resized pixels
   c.qam.min_iou = 0.5                 # IoU > it, after the top-K cut
   c.qam.class_agnostic = False        # False: candidate class == GT class
+  # The class filter before the top-K cut (K counts the GT's own class)
+  # or after it (`after_cut`, the code, where with adaptive K's K = 2 the
+  # cut fills with wrong-class copies of the best boxes; docs/methods.md).
+  c.qam.class_filter = "before_cut"
   c.qam.box_score = "cls"             # cls: sigma(cls) | fcos: c (the code)
   c.qam.tau = 0.1                     # fused candidates have box score > tau
   c.qam.fusion = "weighted"           # weighted | vote (code) | top1 | mean
@@ -400,6 +404,7 @@ BOXSEG_VARIANTS = {
     # code (its only paper-vs-code difference in PC, row 24, reverted).
     "qam_code": {"qam.k_mode": "fixed", "qam.k": 20, "qam.box_score": "fcos",
                  "qam.fusion": "vote", "qam.mqs": "code",
+                 "qam.class_filter": "after_cut",
                  "pc.color_view": "unpasted"},
 }
 

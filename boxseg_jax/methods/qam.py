@@ -15,9 +15,10 @@ the table of every paper-vs-code choice and its option.
    highest IoU with its box (`ops.topk.top_k`: a static `[N, K_max]` gather), of
    which the first `K_g` count: adaptive K from the GT's area in
    original-image pixels (paper Eq. 4) or a fixed K (the code's 20); then
-   the filters IoU > `min_iou` and candidate class == GT class, after the
-   cut as in the code (a wrong-class candidate in the top K is lost, not
-   replaced).
+   the filters IoU > `min_iou` (after the cut, as the code) and candidate
+   class == GT class: before the cut by default (only the GT's class is
+   ranked), after it as the code with `class_filter="after_cut"` (a
+   wrong-class candidate in the top K is lost, not replaced).
 3. The dynamic mask head on the `N K_max` selected candidates only, on the
    teacher's stride-4 grid; the maps reach the student's stride-4 sample
    points through `ops.resample` (the reference's paste-back chain).
@@ -62,6 +63,7 @@ K_INTERPS = ('sqrt', 'area')
 K_AREAS = ('original', 'resized')
 BOX_SCORES = ('cls', 'fcos')
 FUSIONS = ('weighted', 'vote', 'top1', 'mean')
+CLASS_FILTERS = ('after_cut', 'before_cut')
 MQS_MODES = ('paper', 'code', 'mask_aware')
 
 
@@ -82,6 +84,9 @@ class QAMConfig:
       through the batch's `scale`) or `resized` image pixels.
     min_iou: keep candidates with IoU > it (0.5), after the top-K cut.
     class_agnostic: False: a candidate must have its GT's class (the code).
+    class_filter: `after_cut` (the code: a wrong-class candidate in the
+      top K is lost, not replaced) or `before_cut` (only the GT's class is
+      ranked, so K counts its own candidates).
     box_score: `cls` (σ(cls) of the candidate's class) or `fcos` (c).
     tau: used candidates have `b > tau`.
     fusion: `weighted`, `vote`, `top1` or `mean`.
@@ -106,6 +111,7 @@ class QAMConfig:
   k_area: str = 'original'
   min_iou: float = 0.5
   class_agnostic: bool = False
+  class_filter: str = 'before_cut'
   box_score: str = 'cls'
   tau: float = 0.1
   fusion: str = 'weighted'
@@ -123,7 +129,8 @@ class QAMConfig:
   def __post_init__(self):
     for name, allowed in (('k_mode', K_MODES), ('k_interp', K_INTERPS),
                           ('k_area', K_AREAS), ('box_score', BOX_SCORES),
-                          ('fusion', FUSIONS), ('mqs', MQS_MODES)):
+                          ('fusion', FUSIONS), ('mqs', MQS_MODES),
+                          ('class_filter', CLASS_FILTERS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f'qam.{name}={getattr(self, name)!r}: expected one '
                          f'of {allowed}')
@@ -191,7 +198,8 @@ def box_quality_ranking(gt_boxes: jnp.ndarray, gt_labels: jnp.ndarray,
                         gt_valid: jnp.ndarray, num_per_gt: jnp.ndarray,
                         cand_boxes: jnp.ndarray, cand_labels: jnp.ndarray,
                         cand_valid: jnp.ndarray, *, max_k: int,
-                        min_iou: float = 0.5, class_agnostic: bool = False
+                        min_iou: float = 0.5, class_agnostic: bool = False,
+                        class_filter: str = 'before_cut'
                         ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Box-Quality Ranking of one image (§4B.1, §4C.2 step 3).
 
@@ -200,6 +208,14 @@ def box_quality_ranking(gt_boxes: jnp.ndarray, gt_labels: jnp.ndarray,
   if their IoU exceeds `min_iou` and (unless `class_agnostic`) their class
   is the GT's. A candidate may serve several GTs. The box score plays no
   part: a better-scored candidate with a lower IoU ranks lower.
+
+  The class filter runs before the cut (`class_filter="before_cut"`: only
+  the GT's class is ranked) or after it (`"after_cut"`, the code). The
+  candidates are one per (location, class), so one location's box comes
+  once per class that passes the score threshold, with the same IoU: with
+  a small K (adaptive K gives 2 to small objects) the cut can be filled
+  with wrong-class copies of the best boxes, and the GT gets no pseudo
+  mask (benchmarks/pseudo_label_audit.py; docs/methods.md).
 
   Args:
     gt_boxes: `[N, 4]` GT boxes.
@@ -212,6 +228,7 @@ def box_quality_ranking(gt_boxes: jnp.ndarray, gt_labels: jnp.ndarray,
     max_k: static candidates per GT.
     min_iou: strict IoU threshold after the cut.
     class_agnostic: skip the class filter.
+    class_filter: `after_cut` or `before_cut`.
 
   Returns:
     `(index [N, max_k] int32, iou [N, max_k], keep [N, max_k] bool)`, in
@@ -219,7 +236,13 @@ def box_quality_ranking(gt_boxes: jnp.ndarray, gt_labels: jnp.ndarray,
   """
   ious = box_ops.pairwise_iou(gt_boxes.astype(jnp.float32),
                               cand_boxes.astype(jnp.float32))  # [N, M]
-  key = jnp.where(cand_valid[None, :], ious, -1.0)
+  rankable = cand_valid[None, :]
+  if class_filter == 'before_cut' and not class_agnostic:
+    rankable = rankable & (cand_labels[None, :] == gt_labels[:, None])
+  elif class_filter not in CLASS_FILTERS:
+    raise ValueError(f'class_filter={class_filter!r}: expected one of '
+                     f'{CLASS_FILTERS}')
+  key = jnp.where(rankable, ious, -1.0)
   num_cand = cand_boxes.shape[0]
   k = min(max_k, num_cand)
   iou, idx = topk.top_k(key, k)
@@ -407,7 +430,7 @@ def pseudo_labels_one(outputs: dict, student_valid: jnp.ndarray,
   idx, ious, keep = box_quality_ranking(
       gt_boxes, gt_labels, gt_valid, num_per_gt, cand_boxes, cand['labels'],
       cand['valid'], max_k=cfg.max_k, min_iou=cfg.min_iou,
-      class_agnostic=cfg.class_agnostic)
+      class_agnostic=cfg.class_agnostic, class_filter=cfg.class_filter)
   sel_scores = box_scores[idx]
   weights, used = fusion_weights(sel_scores, ious, keep, tau=cfg.tau,
                                  fusion=cfg.fusion)

@@ -97,6 +97,7 @@ def _qam_labels(config) -> Callable:
       k_mode=q.k_mode, k=q.k, k_min=q.k_min, k_max=q.k_max,
       k_small=q.k_small, k_large=q.k_large, k_interp=q.k_interp,
       k_area=q.k_area, min_iou=q.min_iou, class_agnostic=q.class_agnostic,
+      class_filter=q.class_filter,
       box_score=q.box_score, tau=q.tau, fusion=q.fusion, mqs=q.mqs,
       mask_threshold=q.mask_threshold, score_thresh=ec.score_thresh,
       pre_nms_topk=ec.pre_nms_topk, thresh_with_ctr=ec.thresh_with_ctr,

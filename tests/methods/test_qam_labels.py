@@ -32,14 +32,15 @@ def test_adaptive_k_at_the_reference_areas(interp, want):
   np.testing.assert_array_equal(np.asarray(fixed), [20] * 5)
 
 
-def _rank(cands, labels, gt_label=1, k=2, class_agnostic=False, valid=None):
+def _rank(cands, labels, gt_label=1, k=2, class_agnostic=False, valid=None,
+          class_filter="before_cut"):
   cands = jnp.asarray(cands, jnp.float32)
   valid = (jnp.ones(len(cands), bool) if valid is None
            else jnp.asarray(valid))
   idx, iou, keep = qam.box_quality_ranking(
       jnp.array([[0.0, 0.0, 10.0, 10.0]]), jnp.array([gt_label]),
       jnp.array([True]), jnp.array([k]), cands, jnp.asarray(labels), valid,
-      max_k=3, class_agnostic=class_agnostic)
+      max_k=3, class_agnostic=class_agnostic, class_filter=class_filter)
   return np.asarray(idx[0]), np.asarray(iou[0]), np.asarray(keep[0])
 
 
@@ -59,11 +60,11 @@ def test_bqr_ranks_by_iou_not_by_score():
   assert float(w[0, 2]) == 0.0
 
 
-def test_bqr_class_and_iou_filters_run_after_the_cut():
+def test_bqr_class_and_iou_filters_run_after_the_cut_in_the_code_mode():
   # IoU 1.0 (class 0), 0.9 (class 1), 0.5 (class 1), 0.8 (class 1).
   cands = [[0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 5], [0, 0, 10, 8]]
   labels = [0, 1, 1, 1]
-  idx, _, keep = _rank(cands, labels, k=2)
+  idx, _, keep = _rank(cands, labels, k=2, class_filter="after_cut")
   # Top 2 by IoU are candidates 0 and 1; the wrong-class 0 is dropped and
   # not replaced by candidate 3.
   np.testing.assert_array_equal(idx, [0, 1, 3])
@@ -71,10 +72,42 @@ def test_bqr_class_and_iou_filters_run_after_the_cut():
   # Class-agnostic keeps it.
   _, _, keep = _rank(cands, labels, k=2, class_agnostic=True)
   np.testing.assert_array_equal(keep, [True, True, False])
+  # The default (before the cut) ranks class 1 only: 0.9 and 0.8 are kept.
+  idx, _, keep = _rank(cands, labels, k=2)
+  np.testing.assert_array_equal(idx[:2], [1, 3])
+  np.testing.assert_array_equal(keep, [True, True, False])
   # IoU must exceed 0.5 strictly; invalid candidates never count.
   idx, _, keep = _rank([[0, 0, 10, 5], [0, 0, 10, 9]], [1, 1], k=3,
                        valid=[True, False])
   assert not keep.any()
+
+
+def test_bqr_class_filter_before_the_cut_ranks_only_the_gts_class():
+  # One location per box, duplicated per class as the candidates are (one
+  # per (location, class)): boxes of IoU 1.0 and 0.9 for classes 0 and 2,
+  # a box of IoU 0.8 for class 1 (the GT's).
+  cands = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 9],
+           [0, 0, 10, 8]]
+  labels = [0, 2, 0, 2, 1]
+  # After the cut (the code), K = 2 is filled by wrong-class copies: the GT
+  # keeps nothing.
+  idx, _, keep = _rank(cands, labels, k=2, class_filter="after_cut")
+  np.testing.assert_array_equal(idx[:2], [0, 1])
+  assert not keep.any()
+  # Before the cut, only class 1 is ranked: candidate 4 first, kept; the
+  # other slots hold no candidate (IoU -1 -> 0, not kept).
+  idx, iou, keep = _rank(cands, labels, k=2, class_filter="before_cut")
+  assert idx[0] == 4
+  np.testing.assert_allclose(iou, [0.8, 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(keep, [True, False, False])
+  # Class-agnostic ignores the filter either way.
+  _, _, keep = _rank(cands, labels, k=2, class_agnostic=True,
+                     class_filter="before_cut")
+  np.testing.assert_array_equal(keep, [True, True, False])
+  with pytest.raises(ValueError, match="class_filter"):
+    _rank(cands, labels, class_filter="sideways")
+  with pytest.raises(ValueError, match="qam.class_filter"):
+    qam.QAMConfig(class_filter="sideways")
 
 
 def test_fusion_weights_sum_to_one_and_vanish_at_tau():
@@ -190,18 +223,26 @@ def _labels(**cfg):
 
 
 def test_pseudo_labels_end_to_end_paper_defaults():
-  out = _labels()
   q = _sig(5.0)  # every candidate's mask probability
-  # GT 0 (side 32 -> K = 2): the top 2 by IoU are the wrong-class perfect
-  # box and the 0.95 candidate; only the latter is used.
-  np.testing.assert_array_equal(np.asarray(out["num_used"]), [1, 0, 0])
-  np.testing.assert_array_equal(np.asarray(out["has"]), [True, False, False])
   box = np.zeros((16, 16), np.float32)
   box[2:10, 2:10] = 1.0  # stride-4 samples 4 i + 2 in [8, 40]: 10..38
-  np.testing.assert_array_equal(np.asarray(out["pseudo_masks"][0]), box)
-  # Flag = sqrt(b · mean of M inside the box) = sqrt(0.95 q).
-  assert float(out["pseudo_flags"][0]) == pytest.approx(
-      math.sqrt(0.95 * q), rel=1e-5)
+  # GT 0 (side 32 -> K = 2). The class filter before the cut (default):
+  # the two right-class candidates (b 0.95, 0.6) fill K and are used;
+  # after it (the code): the top 2 by IoU are the wrong-class perfect box
+  # and the 0.95 candidate, so only the latter is used.
+  for mode, used, mean_b in (("before_cut", 2, (0.95 + 0.6) / 2),
+                             ("after_cut", 1, 0.95)):
+    out = _labels(class_filter=mode)
+    np.testing.assert_array_equal(np.asarray(out["num_used"]), [used, 0, 0])
+    np.testing.assert_array_equal(np.asarray(out["has"]),
+                                  [True, False, False])
+    # Every map is q everywhere: the fused mask is the box.
+    np.testing.assert_array_equal(np.asarray(out["pseudo_masks"][0]), box)
+    # Flag = sqrt(mean used b · mean of M inside the box) = sqrt(b̄ q).
+    assert float(out["pseudo_flags"][0]) == pytest.approx(
+        math.sqrt(mean_b * q), rel=1e-5)
+  out = _labels()
+  np.testing.assert_array_equal(np.asarray(out["num_used"]), [2, 0, 0])
   # GT 1 has no candidate with IoU > 0.5: no mask, flag 0.
   assert not np.asarray(out["pseudo_masks"][1:]).any()
   np.testing.assert_array_equal(np.asarray(out["pseudo_flags"][1:]), [0, 0])
