@@ -83,7 +83,9 @@ def test_code_config_switches_every_qam_option():
   c = load(os.path.join(REPO, "configs", "boxseg_code_r50_1x.py"))
   paper = load(os.path.join(REPO, "configs", "coco_boxseg_r50_1x.py"))
   diff = {k for k in c.qam if c.qam[k] != paper.qam[k]}
-  assert diff == {"k_mode", "box_score", "fusion", "mqs"}
+  assert diff == {"k_mode", "box_score", "fusion", "mqs", "class_filter"}
+  assert (c.qam.class_filter, paper.qam.class_filter) == ("after_cut",
+                                                          "before_cut")
   assert (c.qam.k, c.qam.tau, c.qam.min_iou) == (20, 0.1, 0.5)
   assert (c.data.photometric, paper.data.photometric) == ("strong",
                                                           "strongv2")
