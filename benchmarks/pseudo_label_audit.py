@@ -32,7 +32,6 @@ import jax
 import numpy as np
 
 from boxseg_jax import config as config_lib
-from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import loop
 from boxseg_jax.train import step as step_lib
 
@@ -81,15 +80,7 @@ def audit(config, base, workdir: str, rows, num_batches: int) -> dict:
   """{row: {monitor: mean over batches}} on `workdir`'s newest teacher
   (`config`: the run's; `base`: the config the rows are variants of)."""
   config_lib.validate(config)
-  ckpt = ckpt_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"--workdir={workdir}: no checkpoint")
-    mesh = step_lib.make_mesh(config.train.num_devices)
-    model, tx, _ = loop.build_model_and_optimizer(config)
-    state, _, _ = loop.restore_or_init(config, model, tx, mesh, ckpt)
-  finally:
-    ckpt.close()
+  model, mesh, state = loop.restore_latest(config, workdir)
   _, batches = loop.make_train_input(config)
   _, sharding = step_lib.shardings(mesh)
   data = [loop.global_batch(next(batches), sharding)

@@ -43,7 +43,6 @@ from boxseg_jax import config as config_lib
 from boxseg_jax.data import coco
 from boxseg_jax.data import pipeline
 from boxseg_jax.evaluation import panels
-from boxseg_jax.train import checkpoint as ckpt_lib
 from boxseg_jax.train import loop
 from boxseg_jax.train import step as step_lib
 
@@ -149,16 +148,7 @@ def visualize_student(config, workdir: str, output: str,
     raise ValueError(f"--from_workdir: method {config.method!r} has no "
                      "teacher, so its student trains on the batches the plain mode "
                      "shows (drop --from_workdir)")
-  ckpt = ckpt_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"--from_workdir={workdir}: no checkpoint (train "
-                              "a short run there first)")
-    mesh = step_lib.make_mesh(config.train.num_devices)
-    model, tx, _ = loop.build_model_and_optimizer(config)
-    state, _, _ = loop.restore_or_init(config, model, tx, mesh, ckpt)
-  finally:
-    ckpt.close()
+  model, mesh, state = loop.restore_latest(config, workdir, "--from_workdir")
   source, batches = loop.make_train_input(config)
   preview = loop.jit_preview_step(model, config, mesh)
   _, sharding = step_lib.shardings(mesh)

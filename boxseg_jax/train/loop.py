@@ -198,6 +198,23 @@ def restore_or_init(config, model, tx, mesh, ckpt: ckpt_lib.Checkpointer):
   return state, None, "scratch"
 
 
+def restore_latest(config, workdir: str, what: str = "--workdir"):
+  """(model, mesh, state) of ``workdir``'s newest checkpoint of a run of
+  ``config`` (for tools that inspect a trained run). Raises
+  FileNotFoundError naming the flag ``what`` when it has none."""
+  ckpt = ckpt_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"{what}={workdir}: no checkpoint (train a "
+                              "short run there first)")
+    mesh = step_lib.make_mesh(config.train.num_devices)
+    model, tx, _ = build_model_and_optimizer(config)
+    state, _, _ = restore_or_init(config, model, tx, mesh, ckpt)
+  finally:
+    ckpt.close()
+  return model, mesh, state
+
+
 def _write_student_panels(preview, step, writer, config, class_names,
                           proc):
   batch, metrics = preview
