@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from boxseg_jax import config as config_lib
+from boxseg_jax import config_helpers
 from boxseg_jax.train import loop
 from boxseg_jax.train import step as step_lib
 
@@ -64,16 +65,16 @@ def row_config(base, row: str):
                      f"{sorted(config_lib.BOXSEG_VARIANTS)}")
   c = base.copy_and_resolve_references()
   config_lib.use_boxseg_variant(c, variant)
+  parsed = {}
   for item in overrides:
     key, _, value = item.partition("=")
-    node, *path = key.split(".")
-    holder = c[node]
-    for p in path[:-1]:
-      holder = holder[p]
-    old = holder[path[-1]]
-    holder[path[-1]] = type(old)(value == "True" if isinstance(old, bool)
-                                 else value)
-  return c
+    old = c
+    for part in key.split("."):
+      old = old[part]
+    # Typed as the field it replaces (`True`/`False` for booleans).
+    parsed[key] = (value == "True") if isinstance(old, bool) else type(old)(
+        value)
+  return config_helpers.apply_overrides(c, parsed)
 
 
 def audit(config, base, workdir: str, rows, num_batches: int) -> dict:
