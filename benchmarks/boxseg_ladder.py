@@ -9,7 +9,7 @@ two box-fill baselines (the same detections with boxes filled as masks:
 what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
 GT masks at the end of training (over the GTs that have a pseudo mask, and
 over all GTs: a method that gives fewer GTs a pseudo mask can have the
-higher first and the lower second), per run and averaged over seeds.
+higher first and the lower second), per run, averaged over seeds, and their spread (max - min) over seeds.
 
 * `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 33
   minutes per run on 2 CPU cores, measured; 10 variants x 1 seed: ~5.5 h);
@@ -132,6 +132,13 @@ def print_table(results, variants):
     if rows:
       means = [statistics.fmean(col) for col in zip(*rows)]
       print(f"{variant:<26}" + "".join(f"{v:19.3f}" for v in means))
+  print("spread over seeds (max - min; variants with 2 or more seeds)")
+  for variant in variants:
+    rows = [_cells(r) for k, r in results.items()
+            if k.split("/")[0] == variant]
+    if len(rows) > 1:
+      spread = [max(col) - min(col) for col in zip(*rows)]
+      print(f"{variant:<26}" + "".join(f"{v:19.3f}" for v in spread))
 
 
 def main():
