@@ -9,7 +9,8 @@ two box-fill baselines (the same detections with boxes filled as masks:
 what the masks must beat), bbox AP and the pseudo masks' mean IoU with the
 GT masks at the end of training (over the GTs that have a pseudo mask, and
 over all GTs: a method that gives fewer GTs a pseudo mask can have the
-higher first and the lower second), per run, averaged over seeds, and their spread (max - min) over seeds.
+higher first and the lower second), per run, averaged over seeds, and
+their spread (max - min) over seeds.
 
 * `--data=shapes`: configs/demo.py:VARIANT, the BoxSeg demo (about 33
   minutes per run on 2 CPU cores, measured; 10 variants x 1 seed: ~5.5 h);
