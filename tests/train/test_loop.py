@@ -261,6 +261,40 @@ def test_boxteacher_run_compiles_once_and_evaluates_the_teacher(tmp_path):
                                   "segm_boxfill_grid"}
 
 
+def test_boxseg_pc_resume_is_exact(tmp_path):
+  # BoxSeg with Peer-assisted Copy-paste (admission opened to the random
+  # teacher, configs/tiny.py:boxseg_pc): the memory bank, the teacher and
+  # the paste draws all resume exactly, and the bank is not empty (so the
+  # check is not vacuous).
+  def config(steps):
+    c = config_helpers.load_config_file("tiny", "boxseg_pc")
+    c.train.num_steps = steps
+    c.train.log_every_steps = 1
+    c.train.eval_at_end = False
+    c.ckpt.every_steps = 2
+    c.ckpt.max_to_keep = 10
+    return c
+
+  ref = loop.train_and_evaluate(config(4), str(tmp_path / "straight"))
+  workdir = str(tmp_path / "resumed")
+  first = loop.train_and_evaluate(config(2), workdir)
+  assert first["final_step"] == 2
+  second = loop.train_and_evaluate(config(4), workdir)
+  assert second["resumed_from"] == "workdir"
+  assert second["start_step"] == 2
+  assert second["compilations"] == 1
+  assert max(m["pc_bank_size"] for _, m in ref["history"]) > 0
+  assert sum(m["pc_pasted"] for _, m in ref["history"]) > 0
+  ref_losses, got = _losses(ref), _losses(second)
+  for step in (3, 4):
+    assert got[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+  assert_same_state(ref["state"], second["state"])
+  for k, v in ref["state"].bank.items():
+    np.testing.assert_array_equal(np.asarray(v),
+                                  np.asarray(second["state"].bank[k]),
+                                  err_msg=k)
+
+
 def test_partial_init_from_checkpoint(straight, tmp_path):
   ref, ref_dir = straight
   config = tiny_config(**{"train.num_steps": 0, "init": ref_dir,
