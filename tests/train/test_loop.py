@@ -26,8 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
 N = 6
 
 
-def tiny_config(**overrides):
-  c = config_helpers.load_config_file("tiny")
+def tiny_config(variant=None, **overrides):
+  c = config_helpers.load_config_file("tiny", variant)
   c.train.num_steps = N
   c.train.log_every_steps = 1
   c.train.eval_at_end = False
@@ -267,13 +267,7 @@ def test_boxseg_pc_resume_is_exact(tmp_path):
   # the paste draws all resume exactly, and the bank is not empty (so the
   # check is not vacuous).
   def config(steps):
-    c = config_helpers.load_config_file("tiny", "boxseg_pc")
-    c.train.num_steps = steps
-    c.train.log_every_steps = 1
-    c.train.eval_at_end = False
-    c.ckpt.every_steps = 2
-    c.ckpt.max_to_keep = 10
-    return c
+    return tiny_config("boxseg_pc", **{"train.num_steps": steps})
 
   ref = loop.train_and_evaluate(config(4), str(tmp_path / "straight"))
   workdir = str(tmp_path / "resumed")
